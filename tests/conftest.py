@@ -1,0 +1,29 @@
+"""Test set-up shared by every test file.
+
+Triton kernels run on the CPU through Triton's interpreter when there is no CUDA device. The variable must
+be set before any `@triton.jit` function is defined, i.e. before scratchformer.kernels is imported, so it
+lives at the very top of the first file pytest loads.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """The device the kernels run on: the GPU when there is one, else the CPU under the interpreter."""
+    return "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state, so a failure reproduces."""
+    torch.manual_seed(0)
