@@ -1,0 +1,277 @@
+"""Hugging Face safetensors checkpoints in and out: the name tables of both families, loading, saving.
+
+A checkpoint key is `<HF module path>.<param>`. Our modules have their own, family-independent names, and this
+file holds the one table between the two. It is written per *module*, not per parameter, so the LoRA code can
+ask it for the HF module path of any of our Linear layers (PEFT's adapter keys use HF paths).
+
+Loading reads one tensor at a time straight into the model's (empty) parameters, so a checkpoint never sits
+in memory twice; everything is checked before the model is returned, so a bad file never yields a
+half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger("scratchformer")
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# The body's prefix inside head models (HF's `BertForX.bert`, `GPT2X.transformer`); absent in bare
+# BertModel / GPT2Model files, and absent in many hub files anyway. We accept both and write HF's choice.
+BODY_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
+
+# Our module path -> (HF module path, kind). `{i}` is the layer index. Kinds: "linear" (weight [out, in]),
+# "conv1d" (GPT-2's Conv1D, stored [in, out]: transposed on the way in and out), "norm", "embedding".
+BODY_MODULES = {
+    "bert": [
+        ("embeddings.word", "embeddings.word_embeddings", "embedding"),
+        ("embeddings.position", "embeddings.position_embeddings", "embedding"),
+        ("embeddings.token_type", "embeddings.token_type_embeddings", "embedding"),
+        ("embeddings.norm", "embeddings.LayerNorm", "norm"),
+        ("blocks.{i}.attn.query", "encoder.layer.{i}.attention.self.query", "linear"),
+        ("blocks.{i}.attn.key", "encoder.layer.{i}.attention.self.key", "linear"),
+        ("blocks.{i}.attn.value", "encoder.layer.{i}.attention.self.value", "linear"),
+        ("blocks.{i}.attn.out", "encoder.layer.{i}.attention.output.dense", "linear"),
+        ("blocks.{i}.ln_attn", "encoder.layer.{i}.attention.output.LayerNorm", "norm"),
+        ("blocks.{i}.mlp.up", "encoder.layer.{i}.intermediate.dense", "linear"),
+        ("blocks.{i}.mlp.down", "encoder.layer.{i}.output.dense", "linear"),
+        ("blocks.{i}.ln_mlp", "encoder.layer.{i}.output.LayerNorm", "norm"),
+        ("pooler.dense", "pooler.dense", "linear"),
+    ],
+    "gpt2": [
+        ("embeddings.word", "wte", "embedding"),
+        ("embeddings.position", "wpe", "embedding"),
+        ("blocks.{i}.attn.qkv", "h.{i}.attn.c_attn", "conv1d"),
+        ("blocks.{i}.attn.out", "h.{i}.attn.c_proj", "conv1d"),
+        ("blocks.{i}.ln_attn", "h.{i}.ln_1", "norm"),
+        ("blocks.{i}.mlp.up", "h.{i}.mlp.c_fc", "conv1d"),
+        ("blocks.{i}.mlp.down", "h.{i}.mlp.c_proj", "conv1d"),
+        ("blocks.{i}.ln_mlp", "h.{i}.ln_2", "norm"),
+        ("final_norm", "ln_f", "norm"),
+    ],
+}
+
+# Heads live outside the body prefix. Our path -> (HF path, kind); "param" is a bare tensor (the MLM bias).
+HEAD_MODULES = {
+    "bert": [
+        ("mlm_transform", "cls.predictions.transform.dense", "linear"),
+        ("mlm_norm", "cls.predictions.transform.LayerNorm", "norm"),
+        ("mlm_bias", "cls.predictions.bias", "param"),
+        ("lm_head", "cls.predictions.decoder", "linear"),  # only when the decoder is not tied
+        ("classifier", "classifier", "linear"),
+    ],
+    "gpt2": [
+        ("lm_head", "lm_head", "linear"),  # only when not tied to wte
+        ("score", "score", "linear"),
+        ("classifier", "classifier", "linear"),
+    ],
+}
+
+# Buffers and tied copies that real files carry and we rebuild or do not need.
+IGNORED_KEYS = re.compile(
+    r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)position_ids$|^cls\.predictions\.decoder\.(weight|bias)$|^lm_head\.weight$"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load; the message names the file and the key at fault."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did, like HF's loading info: new = initialised here, unexpected = in the file but unused."""
+
+    new: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def module_table(model) -> dict[str, tuple[str, str, bool]]:
+    """Our module path -> (HF module path, kind, in_body) for every mapped module that `model` has."""
+    family = model.config.model_type
+    table = {}
+    for ours, theirs, kind in BODY_MODULES[family]:
+        layers = range(model.config.num_layers) if "{i}" in ours else [None]
+        for i in layers:
+            table["body." + ours.format(i=i)] = (theirs.format(i=i), kind, True)
+    for ours, theirs, kind in HEAD_MODULES[family]:
+        table[ours] = (theirs, kind, False)
+    present = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    return {ours: entry for ours, entry in table.items() if ours in present}
+
+
+def param_table(model) -> dict[str, tuple[str, bool, bool]]:
+    """Our parameter name -> (HF key without the body prefix, transpose, in_body)."""
+    out = {}
+    for module, (hf_module, kind, in_body) in module_table(model).items():
+        if kind == "param":
+            out[module] = (hf_module, False, in_body)
+            continue
+        for pname in ("weight", "bias"):
+            name = f"{module}.{pname}"
+            out[name] = (f"{hf_module}.{pname}", kind == "conv1d" and pname == "weight", in_body)
+    params = dict(model.named_parameters())
+    unmapped = sorted(set(params) - set(out))
+    if unmapped:  # a programming error: every parameter must have a checkpoint name
+        raise RuntimeError(f"parameters without a checkpoint name: {unmapped}")
+    return {name: entry for name, entry in out.items() if name in params}
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+
+def resolve_folder(path: str | os.PathLike) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such file or directory")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a model folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return folder
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file that holds it (one file, or the shards an index names)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
+        return {key: folder / name for key, name in weight_map.items()}
+    single = folder / WEIGHTS_NAME
+    if not single.is_file():
+        found = sorted(p.name for p in folder.iterdir())
+        raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (found: {found})")
+    keys = _read_keys(single)
+    return {key: single for key in keys}
+
+
+def _read_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def _normalise(key: str, prefix: str) -> str:
+    """Strip the body prefix and turn the legacy LayerNorm gamma/beta into weight/bias."""
+    if key.startswith(prefix):
+        key = key[len(prefix) :]
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+
+
+def load_weights(model, folder: Path) -> LoadReport:
+    """Fill `model`'s parameters (already allocated on their device and dtype) from the checkpoint in `folder`.
+
+    Raises CheckpointError naming the file and key for a missing body weight, a shape mismatch or a corrupt file.
+    """
+    family = model.config.model_type
+    prefix = BODY_PREFIX[family]
+    files = weight_files(folder)
+    available = {}  # normalised key -> (file, original key)
+    for key, file in files.items():
+        available[_normalise(key, prefix)] = (file, key)
+
+    params = dict(model.named_parameters())
+    report = LoadReport()
+    plan, missing = [], []
+    for name, (hf_key, transpose, in_body) in param_table(model).items():
+        if hf_key in available:
+            plan.append((name, hf_key, transpose))
+        elif in_body and not name.startswith("body.pooler."):
+            missing.append(hf_key)
+        else:
+            report.new.append(name)
+    if missing:
+        where = sorted({str(available_file) for available_file in set(files.values())})
+        raise CheckpointError(f"{', '.join(where)}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    used = {hf_key for _, hf_key, _ in plan}
+    report.unexpected = sorted(
+        orig for norm, (_, orig) in available.items() if norm not in used and not IGNORED_KEYS.search(norm)
+    )
+
+    by_file: dict[Path, list] = {}
+    for name, hf_key, transpose in plan:
+        by_file.setdefault(available[hf_key][0], []).append((name, available[hf_key][1], transpose))
+    for file, entries in by_file.items():
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard named in {INDEX_NAME} does not exist")
+        try:
+            with safe_open(file, framework="pt") as f, torch.no_grad():
+                for name, key, transpose in entries:
+                    tensor = f.get_tensor(key)
+                    if transpose:
+                        tensor = tensor.t()
+                    param = params[name]
+                    if tensor.shape != param.shape:
+                        raise CheckpointError(
+                            f"{file}: key {key!r} has shape {list(tensor.shape)}, the model expects "
+                            f"{list(param.shape)}{' (after transposing Conv1D)' if transpose else ''}"
+                        )
+                    param.copy_(tensor)  # casts to the parameter's dtype and device in place
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    return report
+
+
+# ---- writing -------------------------------------------------------------------------------------------
+
+
+def state_for_saving(model, with_prefix: bool) -> dict[str, torch.Tensor]:
+    """HF-named tensors of `model`: Conv1D transposed back, tied weights left out (as HF does)."""
+    prefix = BODY_PREFIX[model.config.model_type] if with_prefix else ""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, (hf_key, transpose, in_body) in param_table(model).items():
+        tensor = params[name].detach()
+        tensor = tensor.t() if transpose else tensor
+        out[(prefix if in_body else "") + hf_key] = tensor.contiguous().cpu()
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model, path: str | os.PathLike, config_dict: dict, with_prefix: bool) -> Path:
+    """Write `config.json` and `model.safetensors` (HF layout) into the folder `path`, each file atomically."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(state_for_saving(model, with_prefix), folder / WEIGHTS_NAME)
+    stale_index = folder / INDEX_NAME  # a sharded checkpoint saved here before would shadow the new file
+    if stale_index.exists():
+        stale_index.unlink()
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -1,0 +1,279 @@
+"""The models users load: `Encoder`, `MaskedLM`, `CausalLM`, `SequenceClassifier`, `TokenClassifier`.
+
+Each is the shared `Body` plus a small head. `from_pretrained` / `save_pretrained` speak Hugging Face's folder
+layout (config.json + model.safetensors), so a checkpoint moves freely between `transformers` and us.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CONFIG_NAME, CheckpointError, LoadReport, load_weights, resolve_folder, save_checkpoint
+from .config import ModelConfig
+from .encoder import Body, ModelOutput
+from .generation import generate as _generate
+from .layers import ACTIVATION_FUNCTIONS, LayerNorm, Linear, init_normal_
+
+logger = logging.getLogger("scratchformer")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class PreTrainedModel(nn.Module):
+    """Loading, saving and initialisation shared by every model. Subclasses set `architectures` (HF class
+    names per family, written into config.json) and build their head in `__init__`."""
+
+    architectures: dict[str, str] = {}
+    body_prefix_in_file = True  # HF head models nest the body under `bert.` / `transformer.`
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.load_report = LoadReport()
+
+    def init_weights(self) -> PreTrainedModel:
+        """HF's initialisation: N(0, initializer_range) weights, zero biases, identity LayerNorms."""
+        for module in self.modules():
+            init_normal_(module, self.config.initializer_range)
+        for param in self.parameters(recurse=False):
+            nn.init.zeros_(param)  # bare head parameters such as the MLM bias
+        if self.config.pad_token_id is not None and self.config.pad_token_id < self.config.vocab_size:
+            with torch.no_grad():
+                self.body.embeddings.word.weight[self.config.pad_token_id].zero_()  # HF's padding_idx row
+        return self
+
+    # ---- loading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, dtype=None, device=None):
+        """A freshly initialised model (for pretraining from scratch)."""
+        model = cls(config).init_weights()
+        return model.to(device=device, dtype=_dtype(dtype))
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None, attention="auto", **overrides):
+        """Load an HF checkpoint folder (config.json + model.safetensors or a sharded index).
+
+        dtype: torch dtype or name ("float32", "bf16", ...; default float32). device: where the weights go.
+        attention: "auto" | "eager" | "sdpa" | "triton". overrides: ModelConfig fields (e.g. num_labels=3).
+        Head weights absent from the file are initialised and listed in `model.load_report.new`.
+        """
+        folder = resolve_folder(path)
+        config = ModelConfig.from_json_file(folder / CONFIG_NAME).replace(attention=attention, **overrides)
+        with torch.device("meta"):  # no memory yet: the checkpoint is read straight into the final tensors
+            model = cls(config)
+        model = model.to(dtype=_dtype(dtype)).to_empty(device=device or "cpu")
+        model.load_report = load_weights(model, folder)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in model.load_report.new:
+                _init_new_parameter(name, params[name], config.initializer_range)
+        if model.load_report.new:
+            logger.warning("%s: initialised new weights not in %s: %s", cls.__name__, folder, model.load_report.new)
+        if model.load_report.unexpected:
+            logger.warning("%s: ignored weights in %s: %s", cls.__name__, folder, model.load_report.unexpected)
+        return model.eval()
+
+    # ---- saving ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike):
+        """Write config.json + model.safetensors in HF layout; `transformers` loads the folder unchanged."""
+        config = self.config.to_hf_dict()
+        config["architectures"] = [self.architectures[self.config.model_type]]
+        config["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        return save_checkpoint(self, path, config, with_prefix=self.body_prefix_in_file)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def _dtype(dtype):
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _init_new_parameter(name: str, param: torch.Tensor, std: float) -> None:
+    """The same initialisation as `init_weights`, for one parameter that the checkpoint did not have."""
+    if "norm" in name and name.endswith("weight"):
+        param.fill_(1.0)
+    elif param.dim() == 1:  # biases, LayerNorm shifts, the MLM bias
+        param.zero_()
+    else:
+        param.normal_(0.0, std)
+
+
+def _cross_entropy(logits, labels):
+    """Mean cross-entropy over labels that are not -100 (HF's convention), computed in fp32."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+class Encoder(PreTrainedModel):
+    """The bare body. Output: `last_hidden_state` `[batch, seq, hidden]` (and BERT's `pooler_output`)."""
+
+    architectures = {"bert": "BertModel", "gpt2": "GPT2Model"}
+    body_prefix_in_file = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.body = Body(config, with_pooler=config.model_type == "bert")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
+        hidden, pooled, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
+        return ModelOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+
+class MaskedLM(PreTrainedModel):
+    """BERT's MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, plus a bias."""
+
+    architectures = {"bert": "BertForMaskedLM"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.model_type != "bert":
+            raise ValueError(f"MaskedLM needs an encoder (model_type 'bert'), got {config.model_type!r}")
+        self.body = Body(config)
+        self.mlm_transform = Linear(config.hidden_size, config.hidden_size)
+        self.mlm_act = ACTIVATION_FUNCTIONS[config.activation]
+        self.mlm_norm = LayerNorm(config.hidden_size, config.norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def decoder_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.body.embeddings.word.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
+        hidden, _, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
+        h = self.mlm_norm(self.mlm_act(self.mlm_transform(hidden)))
+        logits = F.linear(h, self.decoder_weight(), self.mlm_bias)
+        loss = _cross_entropy(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+
+
+class CausalLM(PreTrainedModel):
+    """GPT-2's LM head, tied to the token embeddings. `labels` are the input ids: the shift happens inside."""
+
+    architectures = {"gpt2": "GPT2LMHeadModel"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        if config.model_type != "gpt2":
+            raise ValueError(f"CausalLM needs a decoder (model_type 'gpt2'), got {config.model_type!r}")
+        self.body = Body(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.body.embeddings.word.weight
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+    ):
+        hidden, _, cache = self.body(input_ids, attention_mask, token_type_ids, position_ids, past_key_values)
+        logits = F.linear(hidden, self.lm_weight())
+        loss = None
+        if labels is not None:  # token t predicts token t + 1
+            loss = _cross_entropy(logits[:, :-1], labels[:, 1:])
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+
+    generate = _generate
+
+
+class SequenceClassifier(PreTrainedModel):
+    """One label per sequence. BERT: pooler (tanh dense on the first token) -> dropout -> classifier.
+    GPT-2: `score` on the hidden state of the last real token. Logits `[batch, num_labels]`.
+
+    Loss as HF infers it: MSE when num_labels == 1, cross-entropy for integer labels, BCE for float multi-label.
+    """
+
+    architectures = {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        is_bert = config.model_type == "bert"
+        self.body = Body(config, with_pooler=is_bert)
+        if is_bert:
+            self.classifier = Linear(config.hidden_size, config.num_labels)
+        else:
+            self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+        self.dropout_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
+        hidden, pooled, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
+        if pooled is not None:
+            logits = self.classifier(F.dropout(pooled, self.dropout_p, self.training))
+        else:
+            last = _last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+            logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return ModelOutput(logits=logits, loss=_classification_loss(logits, labels), last_hidden_state=hidden)
+
+
+class TokenClassifier(PreTrainedModel):
+    """One label per token (NER): dropout -> classifier on every hidden state. Logits `[batch, seq, num_labels]`."""
+
+    architectures = {"bert": "BertForTokenClassification", "gpt2": "GPT2ForTokenClassification"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.body = Body(config)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
+        self.dropout_p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
+        hidden, _, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.classifier(F.dropout(hidden, self.dropout_p, self.training))
+        loss = _cross_entropy(logits, labels) if labels is not None else None
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+
+
+def _last_token_index(input_ids, attention_mask, pad_token_id):
+    """Index of the last real token per row: from the mask if given, else the last id that is not padding."""
+    seq = input_ids.shape[1]
+    positions = torch.arange(seq, device=input_ids.device)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+    elif pad_token_id is not None:
+        real = input_ids != pad_token_id
+    else:
+        return torch.full((input_ids.shape[0],), seq - 1, device=input_ids.device)
+    return torch.where(real, positions, -1).max(dim=1).values.clamp(min=0)
+
+
+def _classification_loss(logits, labels):
+    if labels is None:
+        return None
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    if labels.dtype in (torch.long, torch.int, torch.int32):
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+__all__ = [
+    "CheckpointError",
+    "Encoder",
+    "MaskedLM",
+    "CausalLM",
+    "SequenceClassifier",
+    "TokenClassifier",
+    "PreTrainedModel",
+]
