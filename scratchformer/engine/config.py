@@ -201,9 +201,10 @@ class ModelConfig:
             eos_token_id=self.eos_token_id,
             initializer_range=self.initializer_range,
         )
-        labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        out["id2label"] = {str(i): name for i, name in labels.items()}
-        out["label2id"] = {name: i for i, name in labels.items()}
+        if self.id2label is not None or self.num_labels != 2:  # HF's default of two labels goes unwritten
+            labels = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            out["id2label"] = {str(i): name for i, name in labels.items()}
+            out["label2id"] = {name: i for i, name in labels.items()}
         return out
 
     @classmethod

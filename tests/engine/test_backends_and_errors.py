@@ -1,0 +1,143 @@
+"""Attention backends agree with each other; bad checkpoints and configs fail with errors that name the culprit."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from scratchformer.engine import CausalLM, CheckpointError, ConfigError, Encoder, MaskedLM, ModelConfig
+from scratchformer.engine.attention import attend
+
+from .conftest import max_rel_err, padded_batch
+
+BACKENDS = ["eager", "sdpa"]
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    BACKENDS.append("triton")
+
+
+def _triton_available():
+    try:
+        from scratchformer.kernels import flash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("causal, seq_q, seq_k", [(False, 19, 19), (True, 19, 19), (True, 5, 23), (False, 6, 17)])
+def test_backends_agree_with_eager(backend, causal, seq_q, seq_k):
+    if backend == "triton" and not _triton_available():
+        pytest.skip("the Triton attention kernel is not in this tree")
+    q = torch.randn(3, 2, seq_q, 24)
+    k, v = torch.randn(3, 2, seq_k, 24), torch.randn(3, 2, seq_k, 24)
+    mask = (torch.arange(seq_k)[None, :] < torch.tensor([seq_k, seq_k - 4, 2])[:, None]).long()
+    want = attend(q, k, v, backend="eager", causal=causal, key_padding_mask=mask)
+    got = attend(q, k, v, backend=backend, causal=causal, key_padding_mask=mask)
+    assert torch.isfinite(got).all()
+    assert max_rel_err(got, want) <= 1e-5
+
+
+def test_fully_masked_rows_are_zero_in_every_backend():
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mask = torch.zeros(1, 6, dtype=torch.long)
+    for backend in ["eager", "sdpa"]:
+        out = attend(q, k, v, backend=backend, causal=False, key_padding_mask=mask)
+        assert torch.equal(out, torch.zeros_like(out)), backend
+
+
+@pytest.mark.parametrize("name, cls", [("bert_mlm", MaskedLM), ("gpt2_lm", CausalLM)])
+def test_model_backends_agree(hf_checkpoints, name, cls):
+    folder, _ = hf_checkpoints[name]
+    ids, mask, _ = padded_batch(97, [9, 4, 6], seed=7)
+    outs = {}
+    for backend in BACKENDS:
+        if backend == "triton" and not _triton_available():
+            continue
+        with torch.no_grad():
+            outs[backend] = cls.from_pretrained(folder, attention=backend)(ids, attention_mask=mask).logits
+    for backend, logits in outs.items():
+        assert max_rel_err(logits, outs["eager"], mask.bool()) <= 1e-5, backend
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def _copy(folder, dest):
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        Encoder.from_pretrained(tmp_path / "nope")
+
+
+def test_folder_without_weights(tmp_path, hf_checkpoints):
+    (tmp_path / "config.json").write_text((hf_checkpoints["bert_base"][0] / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        Encoder.from_pretrained(tmp_path)
+
+
+def test_truncated_file(tmp_path, hf_checkpoints):
+    folder = _copy(hf_checkpoints["bert_base"][0], tmp_path / "m")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Encoder.from_pretrained(folder)
+
+
+def test_corrupt_header(tmp_path, hf_checkpoints):
+    folder = _copy(hf_checkpoints["bert_base"][0], tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        Encoder.from_pretrained(folder)
+
+
+def test_missing_key_is_named(tmp_path, hf_checkpoints):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(hf_checkpoints["bert_base"][0], tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    del state["encoder.layer.1.attention.self.key.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"encoder\.layer\.1\.attention\.self\.key\.weight"):
+        Encoder.from_pretrained(folder)
+
+
+def test_wrong_shape_is_named(tmp_path, hf_checkpoints):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(hf_checkpoints["gpt2_lm"][0], tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    state["transformer.h.0.mlp.c_fc.weight"] = torch.randn(71, 52)  # [out, in] instead of Conv1D's [in, out]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"h\.0\.mlp\.c_fc\.weight.*\[71, 52\]"):
+        CausalLM.from_pretrained(folder)
+
+
+def test_unknown_model_type_is_named(tmp_path, hf_checkpoints):
+    folder = _copy(hf_checkpoints["bert_base"][0], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="llama"):
+        Encoder.from_pretrained(folder)
+
+
+def test_wrong_head_for_family(hf_checkpoints):
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        CausalLM.from_pretrained(hf_checkpoints["bert_base"][0])
+
+
+def test_config_round_trip(hf_checkpoints):
+    for name in ["bert_seq", "gpt2_lm"]:
+        d = json.loads((hf_checkpoints[name][0] / "config.json").read_text())
+        config = ModelConfig.from_hf_dict(d)
+        again = ModelConfig.from_hf_dict(config.to_hf_dict())
+        assert again == config
+    assert ModelConfig.from_hf_dict(json.loads((hf_checkpoints["bert_seq"][0] / "config.json").read_text())).num_labels == 3
+    with pytest.raises(ConfigError, match="unknown config field"):
+        ModelConfig().replace(hiden_size=3)

@@ -1,0 +1,235 @@
+"""Our models against `transformers` on random tiny checkpoints: logits, losses, generation, round trips."""
+
+import pytest
+import torch
+
+from scratchformer.engine import CausalLM, Encoder, MaskedLM, SequenceClassifier, TokenClassifier
+
+from .conftest import max_rel_err, padded_batch
+
+transformers = pytest.importorskip("transformers")
+
+FP32_TOL = 1e-5
+LENGTHS = [11, 7, 3]  # right padding of different lengths in one batch
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize(
+    "name, ours_cls, field",
+    [
+        ("bert_base", Encoder, "last_hidden_state"),
+        ("bert_mlm", MaskedLM, "logits"),
+        ("bert_seq", SequenceClassifier, "logits"),
+        ("bert_tok", TokenClassifier, "logits"),
+    ],
+)
+def test_bert_heads_match_hf(hf_checkpoints, name, ours_cls, field, attention):
+    folder, hf = hf_checkpoints[name]
+    ours = ours_cls.from_pretrained(folder, attention=attention)
+    assert ours.load_report.new == [] and ours.load_report.unexpected == []
+    ids, mask, types = padded_batch(101, LENGTHS, type_vocab=2)
+    with torch.no_grad():
+        got = getattr(ours(ids, attention_mask=mask, token_type_ids=types), field)
+        want = getattr(hf(input_ids=ids, attention_mask=mask, token_type_ids=types), field)
+    real = mask.bool() if got.dim() == 3 else None
+    assert max_rel_err(got, want, real) <= FP32_TOL
+    if ours_cls is Encoder:  # the pooler too
+        assert max_rel_err(ours(ids, attention_mask=mask, token_type_ids=types).pooler_output,
+                           hf(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output) <= FP32_TOL
+
+
+def test_bert_losses_match_hf(hf_checkpoints):
+    ids, mask, types = padded_batch(101, LENGTHS, type_vocab=2)
+    labels_tok = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
+    labels_mlm = ids.masked_fill(torch.rand(ids.shape) < 0.5, -100).masked_fill(mask == 0, -100)
+    for name, cls, labels in [("bert_mlm", MaskedLM, labels_mlm), ("bert_seq", SequenceClassifier, torch.tensor([0, 2, 1])),
+                              ("bert_tok", TokenClassifier, labels_tok)]:
+        folder, hf = hf_checkpoints[name]
+        ours = cls.from_pretrained(folder)
+        with torch.no_grad():
+            got = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+            want = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+        assert abs(got.item() - want.item()) <= FP32_TOL * abs(want.item()), name
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize(
+    "name, ours_cls, field",
+    [
+        ("gpt2_lm", CausalLM, "logits"),
+        ("gpt2_base", Encoder, "last_hidden_state"),
+        ("gpt2_seq", SequenceClassifier, "logits"),
+        ("gpt2_tok", TokenClassifier, "logits"),
+    ],
+)
+def test_gpt2_heads_match_hf(hf_checkpoints, name, ours_cls, field, attention):
+    folder, hf = hf_checkpoints[name]
+    ours = ours_cls.from_pretrained(folder, attention=attention)
+    assert ours.load_report.new == []
+    ids, mask, _ = padded_batch(97, LENGTHS, seed=1)
+    with torch.no_grad():
+        got = getattr(ours(ids, attention_mask=mask), field)
+        want = getattr(hf(input_ids=ids, attention_mask=mask), field)
+    real = mask.bool() if got.dim() == 3 else None
+    assert max_rel_err(got, want, real) <= FP32_TOL
+
+
+def test_gpt2_lm_loss_matches_hf(hf_checkpoints):
+    folder, hf = hf_checkpoints["gpt2_lm"]
+    ours = CausalLM.from_pretrained(folder)
+    ids, mask, _ = padded_batch(97, LENGTHS, seed=2)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, labels=labels).loss
+        want = hf(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(got.item() - want.item()) <= FP32_TOL * abs(want.item())
+
+
+def test_gradients_match_hf(hf_checkpoints):
+    """Training mode without dropout: the loss gradients of every weight equal HF's."""
+    for name, cls, vocab in [("bert_mlm", MaskedLM, 101), ("gpt2_lm", CausalLM, 97)]:
+        folder, hf = hf_checkpoints[name]
+        ours = cls.from_pretrained(folder, attention="eager", hidden_dropout=0.0, attention_dropout=0.0,
+                                   embedding_dropout=0.0)
+        ids, mask, _ = padded_batch(vocab, LENGTHS, seed=3)
+        labels = ids.masked_fill(mask == 0, -100)
+        ours.train()
+        hf.zero_grad()
+        ours(ids, attention_mask=mask, labels=labels).loss.backward()
+        hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        ours_grad = ours.body.embeddings.word.weight.grad
+        hf_grad = hf.get_input_embeddings().weight.grad
+        assert max_rel_err(ours_grad, hf_grad) <= 1e-4, name
+        first = ours.body.blocks[0].mlp.up.weight.grad
+        hf_first = (hf.bert.encoder.layer[0].intermediate.dense.weight.grad if name == "bert_mlm"
+                    else hf.transformer.h[0].mlp.c_fc.weight.grad.t())
+        assert max_rel_err(first, hf_first) <= 1e-4, name
+        hf.zero_grad()
+
+
+def test_greedy_generation_matches_hf(hf_checkpoints):
+    folder, hf = hf_checkpoints["gpt2_lm"]
+    ours = CausalLM.from_pretrained(folder)
+    prompt = torch.randint(0, 96, (3, 5))
+    want = hf.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=96)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=15), want)
+    # Left-padded prompts of different lengths, with the attention mask.
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    prompt = prompt.masked_fill(mask == 0, 96)
+    want = hf.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=96)
+    assert torch.equal(ours.generate(prompt, attention_mask=mask, max_new_tokens=12), want)
+
+
+def test_generation_stops_at_eos_and_pads():
+    """A row that produced eos is padded after it; a lone-row generation stops right away."""
+    from scratchformer.engine import ModelConfig
+
+    config = ModelConfig(model_type="gpt2", vocab_size=11, hidden_size=16, num_layers=1, num_heads=2,
+                         intermediate_size=24, max_positions=40, type_vocab_size=0, norm_placement="pre",
+                         fused_qkv=True, activation="gelu_new", norm_eps=1e-5, pad_token_id=None)
+    model = CausalLM.from_config(config).eval()
+    prompt = torch.randint(0, 11, (4, 3))
+    free = model.generate(prompt, max_new_tokens=10)
+    eos = int(free[0, 4])  # the second token row 0 would generate: make it eos
+    out = model.generate(prompt, max_new_tokens=10, eos_token_id=eos)
+    for row in out:
+        new = row[3:].tolist()
+        if eos in new:
+            assert all(t == eos for t in new[new.index(eos):])  # padded with eos (no pad id)
+
+
+def test_kv_cache_equals_full_forward(hf_checkpoints):
+    folder, _ = hf_checkpoints["gpt2_lm"]
+    ours = CausalLM.from_pretrained(folder)
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        full = ours(ids).logits
+        first = ours(ids[:, :8], use_cache=True)
+        rest = ours(ids[:, 8:], past_key_values=first.past_key_values, use_cache=True).logits
+    assert max_rel_err(torch.cat([first.logits, rest], dim=1), full) <= FP32_TOL
+
+
+@pytest.mark.parametrize("name, ours_cls", [("bert_mlm", MaskedLM), ("bert_seq", SequenceClassifier),
+                                            ("gpt2_lm", CausalLM), ("gpt2_base", Encoder), ("bert_base", Encoder)])
+def test_save_pretrained_loads_in_transformers(hf_checkpoints, tmp_path, name, ours_cls):
+    folder, hf = hf_checkpoints[name]
+    ours = ours_cls.from_pretrained(folder)
+    ours.save_pretrained(tmp_path / "out")
+    reloaded = type(hf).from_pretrained(tmp_path / "out").eval()
+    ids, mask, _ = padded_batch(97, LENGTHS, seed=4)
+    with torch.no_grad():
+        a, b = hf(input_ids=ids, attention_mask=mask), reloaded(input_ids=ids, attention_mask=mask)
+    field = "logits" if hasattr(a, "logits") else "last_hidden_state"
+    assert torch.equal(getattr(a, field), getattr(b, field))
+    again = ours_cls.from_pretrained(tmp_path / "out")  # and back into ours, bit for bit
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), again.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_head_weights_missing_from_base_checkpoint_are_new(hf_checkpoints):
+    folder, _ = hf_checkpoints["bert_base"]
+    model = SequenceClassifier.from_pretrained(folder, num_labels=4)
+    assert model.load_report.new == ["classifier.weight", "classifier.bias"]
+    assert model.classifier.weight.std() > 0 and model.config.num_labels == 4
+    folder, _ = hf_checkpoints["gpt2_lm"]
+    model = SequenceClassifier.from_pretrained(folder)
+    assert model.load_report.new == ["score.weight"]
+    # The other way round: heads in the file that the model does not use are reported, not an error.
+    folder, _ = hf_checkpoints["bert_mlm"]
+    model = Encoder.from_pretrained(folder)
+    assert "cls.predictions.bias" in model.load_report.unexpected
+    assert "body.pooler.dense.weight" in model.load_report.new
+
+
+def test_sharded_checkpoint_loads(hf_checkpoints, tmp_path):
+    _, hf = hf_checkpoints["gpt2_lm"]
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = CausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert max_rel_err(ours(ids).logits, hf(ids).logits) <= FP32_TOL
+
+
+def test_key_variants_load(hf_checkpoints, tmp_path):
+    """Hub files: no body prefix, legacy LayerNorm gamma/beta, GPT-2 attn.bias buffers, position_ids."""
+    from safetensors.torch import load_file, save_file
+
+    folder, hf = hf_checkpoints["bert_mlm"]
+    state = load_file(folder / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}
+    renamed["bert.embeddings.position_ids"] = torch.arange(64)[None]
+    (tmp_path / "bert").mkdir()
+    save_file(renamed, tmp_path / "bert" / "model.safetensors")
+    (tmp_path / "bert" / "config.json").write_text((folder / "config.json").read_text())
+    ours = MaskedLM.from_pretrained(tmp_path / "bert")
+    assert ours.load_report.unexpected == []
+    ids = torch.randint(1, 101, (2, 7))
+    with torch.no_grad():
+        assert max_rel_err(ours(ids).logits, hf(input_ids=ids).logits) <= FP32_TOL
+
+    folder, hf = hf_checkpoints["gpt2_lm"]
+    state = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    state["h.1.attn.masked_bias"] = torch.tensor(-1e4)
+    (tmp_path / "gpt2").mkdir()
+    save_file(state, tmp_path / "gpt2" / "model.safetensors")
+    (tmp_path / "gpt2" / "config.json").write_text((folder / "config.json").read_text())
+    ours = CausalLM.from_pretrained(tmp_path / "gpt2")
+    assert ours.load_report.unexpected == [] and ours.load_report.new == []
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert max_rel_err(ours(ids).logits, hf(ids).logits) <= FP32_TOL
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_half_precision_loading_on_cpu(hf_checkpoints, dtype, tol):
+    folder, hf = hf_checkpoints["gpt2_lm"]
+    ours = CausalLM.from_pretrained(folder, dtype=dtype)
+    assert all(p.dtype == dtype for p in ours.parameters())
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        got = ours(ids).logits
+        assert got.dtype == dtype
+        assert max_rel_err(got.float(), hf(ids).logits) <= tol
