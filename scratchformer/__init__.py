@@ -1,3 +1,35 @@
-"""scratchformer: a transformer engine written from scratch on our own Triton kernels."""
+"""scratchformer: a transformer engine written from scratch on our own Triton kernels.
+
+    from scratchformer import CausalLM, Tokenizer
+    model = CausalLM.from_pretrained("path/to/gpt2")        # any HF safetensors checkpoint folder
+"""
+
+from scratchformer.engine import (
+    CausalLM,
+    CheckpointError,
+    ConfigError,
+    Encoder,
+    MaskedLM,
+    ModelConfig,
+    ModelOutput,
+    SequenceClassifier,
+    TokenClassifier,
+)
+from scratchformer.engine.sentence import SentenceEncoder
+from scratchformer.tokenize import Tokenizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "Encoder",
+    "MaskedLM",
+    "ModelConfig",
+    "ModelOutput",
+    "SentenceEncoder",
+    "SequenceClassifier",
+    "TokenClassifier",
+    "Tokenizer",
+]

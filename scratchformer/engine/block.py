@@ -4,12 +4,11 @@ BERT puts the LayerNorm after the residual add (post-LN), GPT-2 before the sub-l
 only difference, and config.norm_placement carries it.
 """
 
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import SelfAttention
 from .config import ModelConfig
-from .layers import ACTIVATION_FUNCTIONS, LayerNorm, Linear
+from .layers import ACTIVATION_FUNCTIONS, LayerNorm, Linear, dropout
 
 
 class FeedForward(nn.Module):
@@ -38,7 +37,7 @@ class TransformerBlock(nn.Module):
         self.ln_mlp = LayerNorm(config.hidden_size, config.norm_eps)
 
     def _dropout(self, x):
-        return F.dropout(x, self.dropout_p, self.training)
+        return dropout(x, self.dropout_p, self.training)
 
     def forward(self, x, key_padding_mask=None, past_kv=None):
         if self.pre_norm:  # GPT-2: x + f(LN(x))

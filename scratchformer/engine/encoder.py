@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .block import TransformerBlock
 from .config import ModelConfig
-from .layers import Embedding, LayerNorm, Linear
+from .layers import Embedding, LayerNorm, Linear, dropout
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Embeddings(nn.Module):
             x = x + self.word(token_type_ids)  # GPT-2 embeds token types with the word table, as HF does
         if self.norm is not None:
             x = self.norm(x)
-        return F.dropout(x, self.dropout_p, self.training)
+        return dropout(x, self.dropout_p, self.training)
 
 
 class Pooler(nn.Module):
@@ -82,6 +81,8 @@ class Body(nn.Module):
                 f"sequence of {seq} tokens (plus cache) exceeds max_positions={self.config.max_positions}"
             )
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # nothing to mask: lets every backend take its mask-free fast path
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         x = self.embeddings(input_ids, position_ids, token_type_ids)

@@ -72,6 +72,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; skipped outright (no kernel, no copy) when it cannot change anything."""
+    return F.dropout(x, p, training=True) if training and p > 0.0 else x
+
+
 ACTIVATION_FUNCTIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh, "relu": F.relu}
 
 

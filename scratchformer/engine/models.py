@@ -17,7 +17,7 @@ from .checkpoint import CONFIG_NAME, CheckpointError, LoadReport, load_weights, 
 from .config import ModelConfig
 from .encoder import Body, ModelOutput
 from .generation import generate as _generate
-from .layers import ACTIVATION_FUNCTIONS, LayerNorm, Linear, init_normal_
+from .layers import ACTIVATION_FUNCTIONS, LayerNorm, Linear, dropout, init_normal_
 
 logger = logging.getLogger("scratchformer")
 
@@ -191,8 +191,8 @@ class CausalLM(PreTrainedModel):
         hidden, _, cache = self.body(input_ids, attention_mask, token_type_ids, position_ids, past_key_values)
         logits = F.linear(hidden, self.lm_weight())
         loss = None
-        if labels is not None:  # token t predicts token t + 1
-            loss = _cross_entropy(logits[:, :-1], labels[:, 1:])
+        if labels is not None:  # token t predicts token t + 1: shift the labels, not the (large) logits
+            loss = _cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden, past_key_values=cache if use_cache else None)
 
     generate = _generate
@@ -220,7 +220,7 @@ class SequenceClassifier(PreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
         hidden, pooled, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
         if pooled is not None:
-            logits = self.classifier(F.dropout(pooled, self.dropout_p, self.training))
+            logits = self.classifier(dropout(pooled, self.dropout_p, self.training))
         else:
             last = _last_token_index(input_ids, attention_mask, self.config.pad_token_id)
             logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
@@ -240,7 +240,7 @@ class TokenClassifier(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
         hidden, _, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
-        logits = self.classifier(F.dropout(hidden, self.dropout_p, self.training))
+        logits = self.classifier(dropout(hidden, self.dropout_p, self.training))
         loss = _cross_entropy(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
 
