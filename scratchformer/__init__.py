@@ -15,6 +15,15 @@ from scratchformer.engine import (
     SequenceClassifier,
     TokenClassifier,
 )
+from scratchformer.engine.lora import (
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from scratchformer.engine.sentence import SentenceEncoder
 from scratchformer.tokenize import Tokenizer
 
@@ -25,6 +34,13 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Encoder",
+    "LoRALinear",
+    "apply_lora",
+    "count_parameters",
+    "load_adapter",
+    "merge_lora",
+    "save_adapter",
+    "unmerge_lora",
     "MaskedLM",
     "ModelConfig",
     "ModelOutput",

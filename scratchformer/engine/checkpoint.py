@@ -123,7 +123,8 @@ def param_table(model) -> dict[str, tuple[str, bool, bool]]:
             name = f"{module}.{pname}"
             out[name] = (f"{hf_module}.{pname}", kind == "conv1d" and pname == "weight", in_body)
     params = dict(model.named_parameters())
-    unmapped = sorted(set(params) - set(out))
+    # LoRA adapters are not part of the checkpoint (they go to the adapter file, engine/lora.py).
+    unmapped = sorted(n for n in set(params) - set(out) if ".lora_" not in n)
     if unmapped:  # a programming error: every parameter must have a checkpoint name
         raise RuntimeError(f"parameters without a checkpoint name: {unmapped}")
     return {name: entry for name, entry in out.items() if name in params}

@@ -1,0 +1,330 @@
+"""LoRA: low-rank adapters on our Linear layers, interchangeable with PEFT's files.
+
+`apply_lora` swaps chosen `Linear` modules for `LoRALinear` (frozen base weight plus trainable `lora_A`
+`[r, in]` and `lora_B` `[out, r]`), chosen by Hugging Face / PEFT module names (`query`, `value`, `c_attn`, ...)
+so one adapter config works in both worlds. `save_adapter` / `load_adapter` write and read PEFT's
+`adapter_model.safetensors` + `adapter_config.json`; `merge_lora` / `unmerge_lora` fold the update into the
+base weight and back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .checkpoint import BODY_PREFIX, CheckpointError, atomic_save_safetensors, atomic_write_text, module_table
+from .layers import Linear, kaiming_uniform_
+
+logger = logging.getLogger("scratchformer")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"]}  # PEFT's defaults for these families
+TASK_TYPES = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS", "CausalLM": "CAUSAL_LM",
+              "Encoder": "FEATURE_EXTRACTION"}
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA settings, with PEFT's names where PEFT has one."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_peft_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, **d, "peft_type": "LORA", "bias": "none", "inference_mode": True,
+                "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+class LoRALinear(nn.Module):
+    """`y = x W^T + b + scaling * (dropout(x) A^T) B^T`. x `[..., in]` -> `[..., out]`.
+
+    `weight` `[out, in]` and `bias` are the base layer's, frozen; `lora_A` `[r, in]` (kaiming-uniform, as PEFT)
+    and `lora_B` `[out, r]` (zeros, so a fresh adapter changes nothing) are trained. On CUDA the fused Triton
+    kernel computes it in one pass over the output; elsewhere the same maths runs in PyTorch, unless
+    `backend="triton"` asks for the kernel (the tests do, under Triton's interpreter).
+    """
+
+    def __init__(self, base: Linear, r: int, scaling: float, dropout_p: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        kaiming_uniform_(self.lora_A)
+        self.r, self.scaling, self.dropout_p, self.backend = r, scaling, dropout_p, backend
+        self.merged = False
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        p = self.dropout_p if self.training else 0.0
+        if self._use_kernel(x):
+            from scratchformer.kernels import lora_linear
+
+            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p=p)
+        dropped = F.dropout(x, p, training=True) if p > 0.0 else x
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, `[out, in]`, computed in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+# ---- module names ----------------------------------------------------------------------------------------
+
+
+def hf_module_paths(model) -> dict[str, str]:
+    """Our module path -> the module's path in the equivalent HF model (as PEFT names it), for Linear layers."""
+    prefix = BODY_PREFIX[model.config.model_type] if model.body_prefix_in_file else ""
+    return {ours: (prefix if in_body else "") + theirs
+            for ours, (theirs, kind, in_body) in module_table(model).items() if kind in ("linear", "conv1d")}
+
+
+def hf_head_paths(model) -> dict[str, str]:
+    """Our head module path -> HF path, for `modules_to_save` (classifier, score, ...)."""
+    prefix = BODY_PREFIX[model.config.model_type] if model.body_prefix_in_file else ""
+    return {ours: (prefix if in_body else "") + theirs for ours, (theirs, kind, in_body) in module_table(model).items()}
+
+
+def _matches(hf_path: str, targets) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches a name equal to or ending in `.target`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, hf_path) is not None
+    return any(hf_path == t or hf_path.endswith("." + t) for t in targets)
+
+
+def _get(model, path):
+    return model.get_submodule(path)
+
+
+def _set(model, path, module):
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def lora_modules(model) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+# ---- apply / merge ---------------------------------------------------------------------------------------
+
+
+def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
+               use_rslora: bool = False, modules_to_save=None, backend: str = "auto"):
+    """Add LoRA adapters to `model` in place and freeze everything else; returns the model.
+
+    target_modules: HF / PEFT module names (list: suffix match; str: regex full match); default as PEFT (BERT
+    `query` + `value`, GPT-2 `c_attn`). modules_to_save: HF names of modules trained in full (e.g. `classifier`).
+    Logs trainable / total parameters; `count_parameters(model)` returns them.
+    """
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters; merge_lora or load a fresh model first")
+    family = model.config.model_type
+    targets = DEFAULT_TARGETS[family] if target_modules is None else target_modules
+    paths = hf_module_paths(model)
+    chosen = [ours for ours, theirs in paths.items() if _matches(theirs, targets)]
+    if not chosen:
+        names = sorted({theirs.rsplit(".", 1)[-1] for theirs in paths.values()})
+        raise ValueError(f"target_modules {targets!r} match no module; Linear modules here: {names}")
+    config = LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=targets if isinstance(targets, str) else sorted(set(targets)),
+                        use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
+                        fan_in_fan_out=family == "gpt2", task_type=TASK_TYPES.get(type(model).__name__))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for ours in chosen:
+        _set(model, ours, LoRALinear(_get(model, ours), r, config.scaling, dropout, backend))
+    for ours in _modules_to_save(model, config.modules_to_save or []):
+        for p in _get(model, ours).parameters():
+            p.requires_grad_(True)
+    model.lora_config = config
+    trainable, total = count_parameters(model)
+    logger.info("LoRA on %d modules: trainable params %d || all params %d || trainable %.4f%%",
+                len(chosen), trainable, total, 100 * trainable / total)
+    return model
+
+
+def _modules_to_save(model, names) -> list[str]:
+    heads = hf_head_paths(model)
+    out = []
+    for name in names:
+        found = [ours for ours, theirs in heads.items() if theirs == name or theirs.endswith("." + name)]
+        # A module_to_save that this head does not have (PEFT lists both `classifier` and `score`) is skipped.
+        out += found
+    return out
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight (outputs unchanged, LoRA costs nothing at inference)."""
+    for m in lora_modules(model).values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model):
+    """Undo `merge_lora`: subtract the same update again."""
+    for m in lora_modules(model).values():
+        m.unmerge()
+    return model
+
+
+# ---- PEFT files ------------------------------------------------------------------------------------------
+
+
+def save_adapter(model, path: str | os.PathLike) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` exactly as PEFT does, each atomically."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
+    paths = hf_module_paths(model)
+    tensors = {}
+    for ours, m in modules.items():
+        key = PEFT_PREFIX + paths[ours]
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    heads = hf_head_paths(model)
+    for ours in _modules_to_save(model, model.lora_config.modules_to_save or []):
+        for pname, p in _get(model, ours).named_parameters():
+            tensors[f"{PEFT_PREFIX}{heads[ours]}.{pname}"] = p.detach().contiguous().cpu()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(model.lora_config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_adapter_config(folder: Path) -> LoRAConfig:
+    file = folder / ADAPTER_CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}")
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: invalid JSON ({err})") from None
+    if d.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{file}: peft_type {d['peft_type']!r} is not LORA")
+    for unsupported in ("rank_pattern", "alpha_pattern"):
+        if d.get(unsupported):
+            raise CheckpointError(f"{file}: {unsupported} is not supported")
+    if d.get("use_dora"):
+        raise CheckpointError(f"{file}: DoRA adapters are not supported")
+    names = {f for f in LoRAConfig.__dataclass_fields__ if f != "extra"}
+    known = {k: d[k] for k in names if k in d}
+    known["modules_to_save"] = sorted(set(known["modules_to_save"])) if known.get("modules_to_save") else None
+    return LoRAConfig(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+def load_adapter(model, path: str | os.PathLike, backend: str = "auto"):
+    """Load a PEFT LoRA adapter folder into `model` (applying LoRA from its config first if needed).
+
+    An adapter whose tensors do not fit the model raises CheckpointError naming the module.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such adapter folder")
+    config = read_adapter_config(folder)
+    if not lora_modules(model):
+        apply_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                   target_modules=config.target_modules, use_rslora=config.use_rslora,
+                   modules_to_save=config.modules_to_save, backend=backend)
+    model.lora_config = config
+    file = folder / ADAPTER_WEIGHTS
+    try:
+        with safe_open(file, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+    prefix = BODY_PREFIX[model.config.model_type]
+
+    def normalise(key):  # PEFT keys name the HF module; accept files made on a model with or without the body prefix
+        key = key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
+        return key.removeprefix(prefix) if key.startswith(prefix) else key
+
+    by_hf = {normalise(k): v for k, v in state.items()}
+    paths = {v.removeprefix(prefix): k for k, v in hf_module_paths(model).items()}
+    heads = {v.removeprefix(prefix): k for k, v in hf_head_paths(model).items()}
+    used = set()
+    with torch.no_grad():
+        for ours_hf, ours in paths.items():
+            module = _get(model, ours)
+            if not isinstance(module, LoRALinear):
+                continue
+            for part in ("lora_A", "lora_B"):
+                key = f"{ours_hf}.{part}.weight"
+                if key not in by_hf:
+                    raise CheckpointError(f"{file}: no {part} for module {ours_hf!r}")
+                param = getattr(module, part)
+                if by_hf[key].shape != param.shape:
+                    raise CheckpointError(f"{file}: module {ours_hf!r} {part} has shape {list(by_hf[key].shape)}, "
+                                          f"the model expects {list(param.shape)}")
+                param.copy_(by_hf[key])
+                used.add(key)
+        for key, tensor in by_hf.items():
+            if key in used:
+                continue
+            module_hf, _, pname = key.rpartition(".")
+            module_hf = module_hf.removesuffix(".modules_to_save")
+            if module_hf not in heads:
+                raise CheckpointError(f"{file}: key {key!r} matches no module of this model")
+            param = getattr(_get(model, heads[module_hf]), pname)
+            if tensor.shape != param.shape:
+                raise CheckpointError(f"{file}: module {module_hf!r} {pname} has shape {list(tensor.shape)}, "
+                                      f"the model expects {list(param.shape)}")
+            param.copy_(tensor)
+    return model
