@@ -61,7 +61,8 @@ def _down(x: torch.Tensor, a_t: torch.Tensor, scaling: float, dropout_p: float, 
     """scaling * drop(x) @ a_t.  x [M, K], a_t [K, R] (any strides) -> [M, R] in x.dtype."""
     M, K = x.shape
     R = a_t.shape[1]
-    out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    # Rows padded to a multiple of 16 elements: aligned rows for the epilogue loads, one compiled variant.
+    out = torch.empty((M, triton.cdiv(R, 16) * 16), device=x.device, dtype=x.dtype)[:, :R]
     block_r = _block_r(R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
     _lora_down_kernel[grid](

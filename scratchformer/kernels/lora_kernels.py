@@ -109,7 +109,7 @@ def _dropout_scale(seed, rows, cols, n_cols, dropout_p):
 # Kernels
 # --------------------------------------------------------------------------------------------------------
 @triton.autotune(configs=_down_configs(), key=["M_BUCKET", "K", "BLOCK_R"], **_AUTOTUNE_KW)
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # r = 8 and r = 16 share one compiled kernel
 def _lora_down_kernel(
     x_ptr, a_ptr, out_ptr,  # x [M, K], a [K, R] (e.g. a transposed view of lora_a), out [M, R]
     M, K, R,
@@ -150,7 +150,7 @@ def _lora_down_kernel(
 
 
 @triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R"], **_AUTOTUNE_KW)
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # r = 8 and r = 16 share one compiled kernel
 def _lora_matmul_kernel(
     a_ptr, b_ptr, lo_ptr, up_ptr, bias_ptr, out_ptr,  # a [M, K], b [K, N], lo [M, R], up [R, N], bias [N], out [M, N]
     M, N, K, R,
@@ -226,7 +226,7 @@ def _lora_matmul_kernel(
 
 
 @triton.autotune(configs=_weight_grad_configs(), key=["M_BUCKET", "K", "BLOCK_R"], **_AUTOTUNE_KW)
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # r = 8 and r = 16 share one compiled kernel
 def _lora_weight_grad_kernel(
     lo_ptr, x_ptr, ws_ptr,  # lo [M, R], x [M, K], ws [SPLITS, R, K] fp32 partial sums
     M, K, R, rows_per_split,

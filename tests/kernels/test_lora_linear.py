@@ -208,3 +208,12 @@ def test_bad_inputs_name_the_argument(device):
         lora_linear(x, weight, bias, lora_a, lora_b, 2.0, 1.0)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
         lora_linear(x.long(), weight, bias, lora_a, lora_b, 2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the autotuned tiles (up to 256) and edges")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_many_tiles_with_ragged_edges(device, dtype):
+    """Sizes spanning several of the GPU's large tiles, none a multiple of them, with dropout on."""
+    inputs = make_inputs((3, 347), 777, 1031, 16, dtype, device)
+    ours, ref = run_both(*inputs, scaling=2.0, dropout_p=0.1, seed=5)
+    assert_close(ours, ref, dtype)
