@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .block import TransformerBlock
 from .config import ModelConfig
@@ -69,6 +70,8 @@ class Body(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.final_norm = LayerNorm(config.hidden_size, config.norm_eps) if config.norm_placement == "pre" else None
         self.pooler = Pooler(config) if with_pooler else None
+        # Recompute each block's activations in the backward instead of storing them (training only).
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, past_key_values=None):
         """input_ids: `[batch, seq]`; attention_mask: `[batch, past + seq]` (1 = real token).
@@ -88,7 +91,10 @@ class Body(nn.Module):
         x = self.embeddings(input_ids, position_ids, token_type_ids)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, attention_mask, None if past_key_values is None else past_key_values[i])
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = checkpoint(block, x, attention_mask, None, use_reentrant=False)
+            else:
+                x, kv = block(x, attention_mask, None if past_key_values is None else past_key_values[i])
             new_cache.append(kv)
         if self.final_norm is not None:
             x = self.final_norm(x)

@@ -1,0 +1,94 @@
+"""`TrainConfig`: every knob of a training run, from code, a `.toml` / `.json` file, or command-line flags."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Steps count optimizer updates; one update is `grad_accum` micro-batches."""
+
+    out: str = "runs/run"  # the run folder: checkpoints, metrics.jsonl, final model
+    max_steps: int = 100
+    batch_size: int = 8  # micro-batch size per process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01  # not applied to biases, LayerNorms and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    decay: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio * lr, or constant
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, inf steps skipped)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when there is eval data)
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_last: int = 2  # checkpoints kept besides the best one
+    best_metric: str = "eval_loss"
+    best_mode: str = "min"  # "min" or "max"
+    seed: int = 0
+    device: str | None = None  # default: cuda when available, else cpu
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.decay in DECAYS, f"decay must be one of {DECAYS}"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+            (self.best_mode in ("min", "max"), "best_mode must be 'min' or 'max'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self._describe(message)})")
+
+    def _describe(self, message: str) -> str:
+        name = message.split()[0]
+        return f"{name}={getattr(self, name)!r}" if hasattr(self, name) else repr(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {unknown}")
+        return cls(**d)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A run description from `.toml` or `.json`; returned as a plain dict (flags are merged on top)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path}: {err}") from None
+    raise ValueError(f"--config {path}: expected a .toml or .json file")

@@ -1,0 +1,88 @@
+"""Multi-process training with `torch.distributed` (launched by `torchrun`): DDP, NCCL on GPUs, gloo on CPUs.
+
+Without torchrun's environment variables everything here is a no-op, so the single-process path is the same
+code. Gradients are synchronised only on the last micro-step of an accumulated step; each rank reads every
+`world_size`-th batch of the same stream; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> DistributedContext:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        ctx = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(ctx.local_rank)
+            dist.init_process_group(backend=backend)
+        return ctx
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if not self.enabled:
+            return model
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, model: nn.Module, enabled: bool):
+        """Skip DDP's gradient all-reduce on micro-steps that are not the last of an accumulated step."""
+        if self.enabled and enabled:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def mean(self, value: float) -> float:
+        """The mean of a Python number over all ranks (the logged loss)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+class ShardedBatches:
+    """Rank r of w takes batches r, r + w, r + 2w, ... of the underlying stream (a distributed sampler over
+    batches). The position is the underlying loader's, so checkpoints and resume work unchanged."""
+
+    def __init__(self, batches, rank: int, world_size: int):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i % self.world_size == self.rank:
+                yield batch
+
+    def state_dict(self):
+        return self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
+
+    def load_state_dict(self, state):
+        if hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(state)
