@@ -114,6 +114,7 @@ def main() -> None:
         ("scratchformer prepare_corpus", t_ours, info.num_tokens),
     ]
     speedup = t_base / t_ours
+    tok_label = tok_dir.parent.name if tok_dir.name == "model" else tok_dir.name
     import tokenizers
     import transformers
 
@@ -124,7 +125,7 @@ def main() -> None:
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- torch {torch.__version__}, tokenizers {tokenizers.__version__}, transformers {transformers.__version__}",
         f"- corpus: pydoc_data.topics repeated, {nbytes / 1e6:.1f} MB, one document per line; "
-        f"tokenizer: {tok_dir.name} ({tok.vocab_size} ids, {ours.dtype.name} file)",
+        f"tokenizer: {tok_label} ({tok.vocab_size} ids, {ours.dtype.name} file)",
         f"- outputs identical: {identical}",
         "",
         "| method | seconds | MB/s | tokens/s |",
@@ -132,7 +133,15 @@ def main() -> None:
     ]
     for name, t, n in rows:
         lines.append(f"| {name} | {t:.2f} | {nbytes / 1e6 / t:.1f} | {n / t:,.0f} |")
-    lines += ["", f"Speed-up: **{speedup:.1f}x** (goal: at least 5x).", ""]
+    lines += [
+        "",
+        f"Speed-up: **{speedup:.1f}x** (goal: at least 5x).",
+        "",
+        "Both sides run the same Rust tokenizer; ours removes the per-document costs (one Python call and one",
+        "Rust pipeline set-up per document, by encoding chunks of documents joined with the separator token)",
+        "and encodes the chunks in parallel on all cores. The speed-up therefore grows with the core count.",
+        "",
+    ]
     report = "\n".join(lines)
     print(report)
 
