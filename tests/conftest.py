@@ -27,3 +27,23 @@ def device() -> str:
 def _seed():
     """Every test starts from the same random state, so a failure reproduces."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name -> (folder, HF model in eval mode): tiny random BERT and GPT-2 checkpoints written by `transformers`."""
+    from tests.tiny_checkpoints import make_hf_checkpoints
+
+    return make_hf_checkpoints(tmp_path_factory)
+
+
+@pytest.fixture
+def hf_tiny(hf_checkpoints):
+    """hf_tiny(name) -> (folder, a fresh HF model loaded from it, in eval mode): safe to train and mutate."""
+    aliases = {"gpt2": "gpt2_lm", "bert": "bert_mlm"}
+
+    def make(name):
+        folder, model = hf_checkpoints[aliases.get(name, name)]
+        return folder, type(model).from_pretrained(folder).eval()
+
+    return make

@@ -1,0 +1,247 @@
+"""The tasks: what model, what batches and what evaluation each kind of run uses.
+
+Pretraining: `mlm` (BERT) and `causal` (GPT-2) on a token folder made by `scratchformer.tokenize.prepare_corpus`.
+Fine-tuning: `classify` (sequence classification), `ner` (token classification), `sft` (causal-LM supervised
+fine-tuning, loss on the responses), full or LoRA. The command line calls these; so can any program.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scratchformer.engine import CausalLM, MaskedLM, ModelConfig, SequenceClassifier, TokenClassifier
+from scratchformer.engine.config import ConfigError
+from scratchformer.tokenize import (
+    ExampleLoader,
+    MLMCollator,
+    SequenceClassificationCollator,
+    SFTCollator,
+    TokenBlockLoader,
+    TokenClassificationCollator,
+    Tokenizer,
+    read_classification,
+    read_sft,
+    read_token_classification,
+)
+
+from .metrics import accuracy, entity_f1, macro_f1
+
+PRETRAIN_TASKS = {"mlm": MaskedLM, "causal": CausalLM}
+FINETUNE_TASKS = {"classify": SequenceClassifier, "ner": TokenClassifier, "sft": CausalLM}
+
+# Named model shapes. The tiny ones train in seconds on a CPU; the others are the real BERT-base / GPT-2-small.
+PRESETS = {
+    "gpt2-tiny": dict(model_type="gpt2", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, max_positions=256),
+    "bert-tiny": dict(model_type="bert", hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, max_positions=512),
+    "gpt2": dict(model_type="gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_positions=1024),
+    "bert-base": dict(model_type="bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_positions=512),
+}
+_FAMILY_DEFAULTS = {
+    "gpt2": dict(norm_placement="pre", fused_qkv=True, activation="gelu_new", norm_eps=1e-5, type_vocab_size=0),
+    "bert": dict(norm_placement="post", fused_qkv=False, activation="gelu", norm_eps=1e-12, type_vocab_size=2),
+}
+
+
+def preset_config(name: str, tokenizer: Tokenizer, **overrides) -> ModelConfig:
+    """A ModelConfig for a named preset, sized to the tokenizer's vocabulary and special tokens."""
+    shape = PRESETS[name]
+    family = shape["model_type"]
+    fields = {**_FAMILY_DEFAULTS[family], **shape, "vocab_size": len(tokenizer)}
+    if family == "gpt2":
+        fields.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    else:
+        fields.update(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def load_model(cls, spec: str, tokenizer: Tokenizer | None = None, **overrides):
+    """`spec` is a preset name, a `config.json` (fresh weights) or an HF checkpoint folder (its weights)."""
+    path = Path(spec)
+    if spec in PRESETS:
+        if tokenizer is None:
+            raise ValueError(f"--model {spec}: a preset needs a tokenizer to size its vocabulary")
+        return cls.from_config(preset_config(spec, tokenizer, **overrides))
+    if path.is_file() and path.suffix == ".json":
+        return cls.from_config(ModelConfig.from_json_file(path).replace(**overrides))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {spec}: the folder has no config.json, so it is not a model folder")
+        return cls.from_pretrained(path, **overrides)
+    raise ValueError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a config.json or a model folder")
+
+
+def find_tokenizer(*candidates) -> Tokenizer:
+    for c in candidates:
+        if c is not None and Path(c).is_dir() and any((Path(c) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+            return Tokenizer.from_pretrained(c)
+    raise ValueError(f"no tokenizer found in {[str(c) for c in candidates if c is not None]}; pass --tokenizer DIR")
+
+
+# ---- pretraining -------------------------------------------------------------------------------------------
+
+
+class MLMBlocks:
+    """Masked-LM batches cut from a token file: `[CLS] block [SEP]` rows, BERT-masked. Resumable."""
+
+    def __init__(self, token_dir, tokenizer: Tokenizer, *, batch_size: int, block_size: int, seed: int = 0,
+                 split: str = "train", random: bool = True):
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise ValueError("masked-LM pretraining needs a tokenizer with [CLS] and [SEP] (a WordPiece tokenizer)")
+        self.blocks = TokenBlockLoader(token_dir, batch_size=batch_size, block_size=block_size - 2, seed=seed,
+                                       split=split, random=random)
+        self.collator = MLMCollator(tokenizer, seed=seed)
+        self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        self.block_size = block_size
+
+    def __iter__(self):
+        for batch in self.blocks:
+            ids = batch["input_ids"]
+            ids = torch.cat([torch.full_like(ids[:, :1], self.cls), ids, torch.full_like(ids[:, :1], self.sep)], dim=1)
+            mask = torch.ones_like(ids)
+            masked, labels = self.collator.mask(ids, mask)
+            yield {"input_ids": masked, "attention_mask": mask, "labels": labels}
+
+    def state_dict(self):
+        return {"blocks": self.blocks.state_dict(), "collator": self.collator.state_dict()}
+
+    def load_state_dict(self, state):
+        self.blocks.load_state_dict(state["blocks"])
+        self.collator.load_state_dict(state["collator"])
+
+
+class Limited:
+    """The first `n` batches of an iterable, re-iterable (a fixed validation set)."""
+
+    def __init__(self, make, n: int):
+        self.make, self.n = make, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.make()):
+            if i >= self.n:
+                break
+            yield batch
+
+
+def pretrain_data(task: str, token_dir, tokenizer: Tokenizer, *, batch_size: int, block_size: int, seed: int,
+                  eval_batches: int = 8):
+    """(train batches, eval batches or None) for `mlm` / `causal` from a prepared token folder."""
+    token_dir = Path(token_dir)
+    if not (token_dir / "train.json").is_file():
+        raise ValueError(f"--data {token_dir}: not a prepared token folder (no train.json); "
+                         "make one with scratchformer.tokenize.prepare_corpus")
+    has_val = (token_dir / "val.json").is_file()
+    if task == "causal":
+        train = TokenBlockLoader(token_dir, batch_size=batch_size, block_size=block_size, seed=seed)
+        val = (Limited(lambda: TokenBlockLoader(token_dir, batch_size=batch_size, block_size=block_size, split="val",
+                                                random=False), eval_batches) if has_val else None)
+    else:
+        train = MLMBlocks(token_dir, tokenizer, batch_size=batch_size, block_size=block_size, seed=seed)
+        val = (Limited(lambda: MLMBlocks(token_dir, tokenizer, batch_size=batch_size, block_size=block_size,
+                                         seed=seed + 1, split="val", random=False), eval_batches) if has_val else None)
+    return train, val
+
+
+def evaluate_lm(model, batches) -> dict:
+    """Token-weighted loss, perplexity, and (masked LM) accuracy on the predicted positions."""
+    total, n, correct = 0.0, 0, 0
+    causal = isinstance(model, CausalLM)
+    for batch in batches:
+        out = model(**batch)
+        labels = batch["labels"]
+        if causal:
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        counted = labels != -100
+        k = int(counted.sum())
+        total += float(out.loss) * k
+        n += k
+        correct += int((out.logits.argmax(-1) == labels)[counted].sum())
+    loss = total / max(n, 1)
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if not causal:
+        metrics["accuracy"] = correct / max(n, 1)
+    return metrics
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneData:
+    train: ExampleLoader
+    eval: ExampleLoader | None
+    label_names: list[str] | None
+
+
+def finetune_data(task: str, tokenizer: Tokenizer, train_file, eval_file=None, *, batch_size: int, seed: int,
+                  max_length: int | None = None, label_names=None, text_field="text", label_field="label") -> FinetuneData:
+    if task == "classify":
+        train = read_classification(train_file, text_field=text_field, label_field=label_field, label_names=label_names)
+        names = train.label_names
+        collate = SequenceClassificationCollator(tokenizer, max_length=max_length)
+        val = read_classification(eval_file, text_field=text_field, label_field=label_field, label_names=names) if eval_file else None
+    elif task == "ner":
+        train = read_token_classification(train_file, label_names=label_names)
+        names = train.label_names
+        collate = TokenClassificationCollator(tokenizer, max_length=max_length)
+        val = read_token_classification(eval_file, label_names=names) if eval_file else None
+    elif task == "sft":
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padding is masked anyway
+        examples = read_sft(train_file)
+        collate = SFTCollator(tokenizer, max_length=max_length)
+        loader = ExampleLoader(examples, collate, batch_size=batch_size, seed=seed)
+        val_loader = ExampleLoader(read_sft(eval_file), collate, batch_size=batch_size, shuffle=False) if eval_file else None
+        return FinetuneData(loader, val_loader, None)
+    else:
+        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(FINETUNE_TASKS)}")
+    loader = ExampleLoader(train.examples(), collate, batch_size=batch_size, seed=seed)
+    val_loader = ExampleLoader(val.examples(), collate, batch_size=batch_size, shuffle=False) if val is not None else None
+    return FinetuneData(loader, val_loader, names)
+
+
+def check_label_set(model, label_names: list[str]) -> None:
+    """A checkpoint that already has a trained head must have been trained on the same labels."""
+    head_is_new = any(n.startswith(("classifier.", "score.")) for n in model.load_report.new)
+    config = model.config
+    if head_is_new or config.id2label is None:
+        return
+    theirs = [config.id2label[i] for i in sorted(config.id2label)]
+    if theirs != list(label_names) and not all(n.startswith("LABEL_") for n in theirs):
+        raise ConfigError(f"the label set {list(label_names)} does not match the checkpoint's head {theirs}")
+
+
+def classification_eval(model, batches) -> dict:
+    preds, gold, total, n = [], [], 0.0, 0
+    for batch in batches:
+        out = model(**batch)
+        total += float(out.loss) * len(batch["labels"])
+        n += len(batch["labels"])
+        preds += out.logits.argmax(-1).tolist()
+        gold += batch["labels"].tolist()
+    return {"loss": total / max(n, 1), "accuracy": accuracy(preds, gold), "macro_f1": macro_f1(preds, gold)}
+
+
+def ner_eval(label_names: list[str]):
+    """Entity-level F1 on the first sub-token of each word (the positions with a label)."""
+
+    def evaluate(model, batches) -> dict:
+        pred_tags, gold_tags, total, n = [], [], 0.0, 0
+        for batch in batches:
+            out = model(**batch)
+            total += float(out.loss)
+            n += 1
+            for logits, labels in zip(out.logits.argmax(-1), batch["labels"]):
+                keep = labels != -100
+                pred_tags.append([label_names[i] for i in logits[keep].tolist()])
+                gold_tags.append([label_names[i] for i in labels[keep].tolist()])
+        flat_p = [t for s in pred_tags for t in s]
+        flat_g = [t for s in gold_tags for t in s]
+        return {"loss": total / max(n, 1), "entity_f1": entity_f1(pred_tags, gold_tags),
+                "token_accuracy": accuracy(flat_p, flat_g) if flat_g else 0.0}
+
+    return evaluate

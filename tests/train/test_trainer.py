@@ -1,0 +1,252 @@
+"""The training loop against a reference loop written here with `transformers`, `torch.optim.AdamW`, `LambdaLR`
+(and `peft` for LoRA): same initial weights, same batches, per-step losses within 1e-5 relative (fp32, no dropout).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchformer import CausalLM, MaskedLM, SequenceClassifier, apply_lora, save_adapter
+from scratchformer.train import Trainer, TrainConfig
+from scratchformer.train.checkpoints import latest_checkpoint, list_checkpoints
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, embedding_dropout=0.0)
+STEPS = 20
+
+
+def reference_schedule(warmup, total, min_ratio=0.0):
+    """Linear warmup from 0, then cosine decay to min_ratio: the schedule TrainConfig(decay="cosine") describes."""
+
+    def f(step):
+        if step < warmup:
+            return step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def reference_losses(model, batches, cfg: TrainConfig):
+    """A plain PyTorch loop: what our Trainer must reproduce step for step."""
+    no_decay_markers = ("bias", "LayerNorm", "ln_", "wte", "wpe", "embeddings")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(m in name for m in no_decay_markers) or p.dim() < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, reference_schedule(cfg.warmup_steps, cfg.max_steps))
+    params = decay + no_decay
+    losses, it = [], iter(batches)
+    model.train()
+    for _ in range(cfg.max_steps):
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            loss = model(**next(it)).loss / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def our_losses(model, batches, cfg):
+    history = Trainer(model, cfg, train_data=batches).train()
+    return [r["loss"] for r in history if "loss" in r and "step" in r and "eval_loss" not in r]
+
+
+def config(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), max_steps=STEPS, lr=3e-3, warmup_steps=4, weight_decay=0.1,
+                max_grad_norm=0.5, log_every=1, progress=False, device="cpu", seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def lm_batches(n, vocab, batch=3, seq=13, seed=0, mlm=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        labels = ids.clone()
+        if mlm:
+            labels = labels.masked_fill(torch.rand(ids.shape, generator=g) > 0.3, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def assert_losses_close(ours, ref, rel=1e-5):
+    assert len(ours) == len(ref)
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        assert abs(a - b) <= rel * abs(b), f"step {step}: ours {a} vs reference {b}"
+    assert ref[-1] < ref[0]  # the run actually trained
+
+
+def test_causal_pretraining_matches_reference(hf_tiny, tmp_path):
+    folder, hf = hf_tiny("gpt2")
+    batches = lm_batches(STEPS, 97)
+    cfg = config(tmp_path)
+    ref = reference_losses(hf, batches, cfg)
+    ours = our_losses(CausalLM.from_pretrained(folder, **NO_DROPOUT), batches, cfg)
+    assert_losses_close(ours, ref)
+
+
+def test_mlm_pretraining_matches_reference(hf_tiny, tmp_path):
+    folder, hf = hf_tiny("bert_mlm")
+    batches = lm_batches(STEPS, 101, mlm=True)
+    cfg = config(tmp_path)
+    assert_losses_close(our_losses(MaskedLM.from_pretrained(folder, **NO_DROPOUT), batches, cfg),
+                        reference_losses(hf, batches, cfg))
+
+
+def _classification_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 101, (4, 11), generator=g)
+        lengths = torch.tensor([11, 7, 9, 4])
+        mask = (torch.arange(11)[None] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=g)})
+    return out
+
+
+def test_sequence_classification_matches_reference(hf_tiny, tmp_path):
+    folder, hf = hf_tiny("bert_seq")
+    batches = _classification_batches(STEPS)
+    cfg = config(tmp_path)
+    assert_losses_close(our_losses(SequenceClassifier.from_pretrained(folder, **NO_DROPOUT), batches, cfg),
+                        reference_losses(hf, batches, cfg))
+
+
+def test_lora_finetuning_matches_peft(hf_tiny, tmp_path):
+    folder, hf = hf_tiny("bert_seq")
+    ours = SequenceClassifier.from_pretrained(folder, **NO_DROPOUT)
+    apply_lora(ours, r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # start from a nonzero B so both A and B move from step one
+    save_adapter(ours, tmp_path / "init")  # PEFT starts from exactly our adapter
+    ref_model = peft.PeftModel.from_pretrained(hf, tmp_path / "init", is_trainable=True)
+    batches = _classification_batches(STEPS, seed=1)
+    cfg = config(tmp_path)
+    ref = reference_losses(ref_model, batches, cfg)
+    assert_losses_close(our_losses(ours, batches, cfg), ref)
+
+
+def test_gradient_accumulation_equals_double_batch(hf_tiny, tmp_path):
+    folder, _ = hf_tiny("gpt2")
+    halves = lm_batches(2 * 8, 97, batch=2, seq=9, seed=3)
+    doubled = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(halves[0::2], halves[1::2])]
+    accum = our_losses(CausalLM.from_pretrained(folder, **NO_DROPOUT), halves, config(tmp_path / "a", max_steps=8, grad_accum=2))
+    big = our_losses(CausalLM.from_pretrained(folder, **NO_DROPOUT), doubled, config(tmp_path / "b", max_steps=8))
+    assert_losses_close(accum, big)
+
+
+def test_resume_continues_the_same_run(hf_tiny, tmp_path):
+    from scratchformer.tokenize import TokenBlockLoader
+
+    folder, _ = hf_tiny("gpt2")
+    tokens = torch.randint(0, 97, (5000,)).numpy()
+
+    def run(out, steps, resume=False):
+        model = CausalLM.from_pretrained(folder, **NO_DROPOUT)
+        data = TokenBlockLoader(tokens, batch_size=2, block_size=16, seed=5)
+        cfg = config(out, max_steps=steps, save_every=5, keep_last=1)
+        history = Trainer(model, cfg, train_data=data).train(resume=resume)
+        return model, [r["loss"] for r in history if "loss" in r]
+
+    straight_model, straight = run(tmp_path / "straight", 20)
+    _, first = run(tmp_path / "resumed", 10)
+    resumed_model, second = run(tmp_path / "resumed", 20, resume=True)
+    assert first + second == straight  # bit-identical losses
+    for (n, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), n
+    run_dir = tmp_path / "resumed" / "run"
+    assert [s for s, _ in list_checkpoints(run_dir)] == [20]  # keep_last=1, no eval metric to keep a best
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resumed" and r["step"] == 10 for r in records) and records[-1]["step"] == 20
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_killed_checkpoint_write_leaves_previous_loadable(hf_tiny, tmp_path, monkeypatch):
+    folder, _ = hf_tiny("gpt2")
+    batches = lm_batches(12, 97, seed=4)
+    cfg = config(tmp_path, max_steps=12, save_every=5, keep_last=3)
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **kw):  # the second checkpoint dies half-way (after the model was written)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(CausalLM.from_pretrained(folder, **NO_DROPOUT), cfg, train_data=batches).train()
+    out = Path(cfg.out)
+    assert latest_checkpoint(out).name == "checkpoint-000005"
+    assert not list(out.glob(".tmp-checkpoint-*"))
+    reloaded = CausalLM.from_pretrained(latest_checkpoint(out))  # an ordinary HF folder
+    assert reloaded.config.num_layers == 2
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_resume_without_checkpoint_is_an_error(hf_tiny, tmp_path):
+    folder, _ = hf_tiny("gpt2")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Trainer(CausalLM.from_pretrained(folder), config(tmp_path), train_data=lm_batches(2, 97)).train(resume=True)
+
+
+DDP_SCRIPT = r"""
+import json, os, sys, torch
+from scratchformer import CausalLM
+from scratchformer.train import Trainer, TrainConfig
+folder, out, accum, result = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+g = torch.Generator().manual_seed(0)
+batches = [{"input_ids": (ids := torch.randint(0, 97, (2, 9), generator=g)), "attention_mask": torch.ones_like(ids),
+            "labels": ids.clone()} for _ in range(12)]
+model = CausalLM.from_pretrained(folder, hidden_dropout=0.0, attention_dropout=0.0, embedding_dropout=0.0)
+cfg = TrainConfig(out=out, max_steps=6, grad_accum=accum, lr=3e-3, log_every=1, progress=False, device="cpu")
+history = Trainer(model, cfg, train_data=batches).train()
+if int(os.environ.get("RANK", "0")) == 0:
+    json.dump({"losses": [r["loss"] for r in history if "loss" in r],
+               "weight": model.body.blocks[0].mlp.up.weight.sum().item()}, open(result, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(hf_tiny, tmp_path):
+    """Two gloo processes with one batch each per step equal one process accumulating both batches."""
+    folder, _ = hf_tiny("gpt2")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                    str(script), str(folder), str(tmp_path / "ddp"), "1", str(tmp_path / "ddp.json")],
+                   check=True, env=env, capture_output=True, timeout=240)
+    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), "2", str(tmp_path / "one.json")],
+                   check=True, env=env, capture_output=True, timeout=240)
+    ddp, one = json.loads((tmp_path / "ddp.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert_losses_close(ddp["losses"], one["losses"])
+    assert abs(ddp["weight"] - one["weight"]) <= 1e-5 * abs(one["weight"])
