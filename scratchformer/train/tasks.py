@@ -204,15 +204,22 @@ def finetune_data(task: str, tokenizer: Tokenizer, train_file, eval_file=None, *
     return FinetuneData(loader, val_loader, names)
 
 
-def check_label_set(model, label_names: list[str]) -> None:
-    """A checkpoint that already has a trained head must have been trained on the same labels."""
-    head_is_new = any(n.startswith(("classifier.", "score.")) for n in model.load_report.new)
-    config = model.config
-    if head_is_new or config.id2label is None:
+def check_label_set(model_dir: Path, label_names: list[str]) -> None:
+    """A checkpoint that already holds a trained classification head must be for the same label set.
+
+    A base checkpoint (no head) is fine: the head is created for these labels. A head with HF's generic names
+    (LABEL_0, ...) is checked by count only.
+    """
+    config = ModelConfig.from_json_file(Path(model_dir) / "config.json")
+    architectures = config.extra.get("architectures") or []
+    has_head = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures)
+    if not has_head:
         return
-    theirs = [config.id2label[i] for i in sorted(config.id2label)]
-    if theirs != list(label_names) and not all(n.startswith("LABEL_") for n in theirs):
-        raise ConfigError(f"the label set {list(label_names)} does not match the checkpoint's head {theirs}")
+    theirs = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    generic = all(name.startswith("LABEL_") for name in theirs)
+    if (generic and len(theirs) != len(label_names)) or (not generic and theirs != list(label_names)):
+        raise ConfigError(f"{model_dir}: the label set {list(label_names)} does not match the checkpoint's head "
+                          f"{theirs}; fine-tune from the base model instead")
 
 
 def classification_eval(model, batches) -> dict:
