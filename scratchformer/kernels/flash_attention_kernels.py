@@ -64,6 +64,8 @@ _FWD_CONFIGS = _configs(
         (128, 32, 4, 4),
         (64, 64, 4, 3),
         (64, 32, 4, 4),
+        (16, 64, 4, 3),  # decoding with a KV cache: one or a few queries
+        (16, 128, 4, 3),
     ]
 )
 # Backward: the dK/dV kernel keeps a block of K, V, dK, dV resident and streams Q/dO; the dQ kernel the
@@ -73,9 +75,15 @@ _BWD_Q_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64
 
 
 def _prune_for_seq(configs, named_args, **kwargs):
-    """Drop configs whose blocks are much larger than the problem (tiny sequences), keeping at least one."""
+    """Keep the BLOCK_M=16 (decoding) configs only for at most 16 queries, and drop blocks much larger than the
+    problem; at least one config always survives."""
     seq_q, seq_k = named_args["seq_q"], named_args["seq_k"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, seq_q) and c.kwargs["BLOCK_N"] <= max(64, seq_k)]
+    if len(configs) == 1:
+        return configs
+    decode = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+    if seq_q <= 16 and decode:
+        return decode
+    kept = [c for c in configs if 16 < c.kwargs["BLOCK_M"] <= max(64, seq_q) and c.kwargs["BLOCK_N"] <= max(64, seq_k)]
     return kept or configs[:1]
 
 
