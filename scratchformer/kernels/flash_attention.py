@@ -157,7 +157,9 @@ def _check_inputs(q, k, v, attention_mask, dropout_p) -> None:
             "(or TRITON_INTERPRET=1 set before import to run them on the CPU)"
         )
     if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"flash_attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(
             "flash_attention: q [batch, heads, seq_q, head_dim] and k [batch, heads, seq_k, head_dim] must agree "

@@ -160,7 +160,7 @@ def _fwd_inner(
             keep = _dropout_keep(dropout_seed, dropout_offset, pid_bh, seq_q, seq_k, offs_m[:, None],
                                  offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -331,12 +331,12 @@ def _bwd_kv_inner(
                                    offs_n[:, None], dropout_p)
             scale_drop = 1.0 / (1.0 - dropout_p)
             pd_t = tl.where(keep_t, p_t * scale_drop, 0.0)  # dropped probabilities, as used in O = Pd V
-            dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * scale_drop, 0.0)
         else:
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -470,7 +470,7 @@ def _bwd_q_inner(
                                  offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
