@@ -1,4 +1,9 @@
-"""scratchformer.kernels"""
+"""scratchformer.kernels: our Triton kernels and the plain-PyTorch reference of each.
 
+Ground floor of the package: imports torch and triton only.
+"""
+
+from .attention_reference import attention_reference
+from .flash_attention import flash_attention
 from .lora import lora_dropout_mask, lora_linear
 from .lora_reference import lora_linear_reference

@@ -1,0 +1,200 @@
+"""flash_attention (Triton, FlashAttention-2) against the plain-PyTorch reference, forward and backward.
+
+Runs under the Triton interpreter on the CPU and natively on a GPU. Errors are measured as
+max |ours - reference| / max(max |reference|, 1) with the reference in float64 on the same (rounded) inputs.
+Tolerances: fp32 1e-5 in the interpreter (its dots are exact fp32) and 1e-4 on a GPU (ieee fp32 dots but
+different summation order and the hardware exp2); fp16 1e-2; bf16 2e-2 (8-bit mantissa, products of bf16
+operands in the backward).
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from scratchformer.kernels import attention_reference, flash_attention
+from scratchformer.kernels.flash_attention import draw_dropout_seed, flash_attention_dropout_mask
+
+# The module, not the function of the same name that scratchformer.kernels re-exports.
+fa_module = importlib.import_module("scratchformer.kernels.flash_attention")
+ON_GPU = torch.cuda.is_available()
+TOLERANCE = {
+    torch.float32: 1e-4 if ON_GPU else 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 2e-2,
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Outputs and gradients start as NaN, so an element the kernels never wrote fails the comparison."""
+    monkeypatch.setattr(fa_module, "_POISON_OUTPUTS", True)
+
+
+def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative to the largest reference value, or absolute where the reference is tiny (e.g. dq = 0
+    exactly when a query sees a single key)."""
+    assert not torch.isnan(ours).any(), "NaN in kernel output (unwritten element or masked-row NaN)"
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)).item()
+
+
+def _inputs(batch, heads, seq_q, seq_k, head_dim, dtype, device):
+    q = torch.randn(batch, heads, seq_q, head_dim, device=device).to(dtype).requires_grad_()
+    k = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype).requires_grad_()
+    v = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _padding_mask(batch, seq_k, device):
+    """Rows of different lengths: the first full, the middle ones random lengths, the last fully padded."""
+    lengths = [seq_k] + torch.randint(1, seq_k + 1, (batch - 2,)).tolist() + [0]
+    mask = torch.arange(seq_k)[None, :] < torch.tensor(lengths)[:, None]
+    return mask.to(device)
+
+
+def _check_against_reference(q, k, v, *, causal, attention_mask, softmax_scale=None, dropout_mask=None,
+                             dropout_p=0.0):
+    """Runs both, compares output and the three gradients; returns the kernel output and gradients."""
+    out = flash_attention(q, k, v, causal=causal, attention_mask=attention_mask, softmax_scale=softmax_scale,
+                          dropout_p=dropout_p)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=causal, attention_mask=attention_mask,
+                              softmax_scale=softmax_scale, dropout_mask=dropout_mask, dropout_p=dropout_p,
+                              compute_dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+
+    tol = TOLERANCE[q.dtype]
+    for name, ours, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        err = _rel_err(ours, theirs)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    return out, grads
+
+
+# (batch, heads, seq_q, seq_k, head_dim, causal, padded, dtype): odd lengths that are not block multiples,
+# seq_q < seq_k and seq_q > seq_k with both masks (the latter has causal rows that see no key), decoding
+# (seq_q = 1), head dims 8/16/24/64/80/128, all three dtypes.
+CASES = [
+    (2, 2, 17, 17, 16, False, False, torch.float32),
+    (3, 2, 67, 45, 24, True, True, torch.float32),
+    (3, 1, 45, 130, 80, True, True, torch.float32),
+    (2, 2, 1, 67, 64, True, False, torch.float32),
+    (3, 2, 130, 67, 64, False, True, torch.float16),
+    (3, 2, 67, 67, 80, True, True, torch.bfloat16),
+    (3, 2, 33, 17, 24, False, True, torch.float16),
+    (2, 1, 17, 1, 16, True, False, torch.float32),
+    (3, 1, 19, 23, 8, True, True, torch.float32),  # head_dim below 16 (tiny test models): padded to 16
+    (1, 2, 40, 37, 128, False, False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("batch,heads,seq_q,seq_k,head_dim,causal,padded,dtype", CASES)
+def test_matches_reference(device, batch, heads, seq_q, seq_k, head_dim, causal, padded, dtype):
+    q, k, v = _inputs(batch, heads, seq_q, seq_k, head_dim, dtype, device)
+    mask = _padding_mask(batch, seq_k, device) if padded else None
+    out, (dq, dk, dv) = _check_against_reference(q, k, v, causal=causal, attention_mask=mask)
+    if padded:  # the fully padded batch row: exactly zero output and gradients, padded keys get zero dK, dV
+        assert (out[-1] == 0).all() and (dq[-1] == 0).all() and (dk[-1] == 0).all() and (dv[-1] == 0).all()
+        assert (dk.transpose(1, 2)[~mask] == 0).all() and (dv.transpose(1, 2)[~mask] == 0).all()
+    if causal and seq_q > seq_k:  # the first seq_q - seq_k queries see no key
+        assert (out[:, :, : seq_q - seq_k] == 0).all() and (dq[:, :, : seq_q - seq_k] == 0).all()
+
+
+def test_custom_scale_and_int_mask(device):
+    q, k, v = _inputs(3, 2, 29, 41, 48, torch.float32, device)
+    mask = _padding_mask(3, 41, device).to(torch.int64)
+    _check_against_reference(q, k, v, causal=False, attention_mask=mask, softmax_scale=0.3)
+
+
+def test_non_contiguous_inputs(device):
+    """q from a transposed [batch, seq, heads, head_dim] view, k and v slices of one fused tensor."""
+    batch, seq, heads, head_dim = 2, 37, 3, 24
+    q = torch.randn(batch, seq, heads, head_dim, device=device).transpose(1, 2).detach().requires_grad_()
+    kv = torch.randn(batch, seq, 2, heads, head_dim, device=device)
+    k = kv[:, :, 0].transpose(1, 2).detach().requires_grad_()
+    v = kv[:, :, 1].transpose(1, 2).detach().requires_grad_()
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check_against_reference(q, k, v, causal=True, attention_mask=_padding_mask(batch, seq, device))
+
+
+def test_dropout_fraction_and_determinism(device):
+    p = 0.25
+    mask = flash_attention_dropout_mask(2, 4, 61, 67, p, seed=2**33 + 7, device=device)
+    kept = mask.float().mean().item()
+    # 32,776 Bernoulli draws: the standard deviation of the kept fraction is 0.0024.
+    assert abs(kept - (1 - p)) < 0.012, kept
+    other = flash_attention_dropout_mask(2, 4, 61, 67, p, seed=2**33 + 8, device=device)
+    assert (mask != other).float().mean() > 0.2  # another seed, another mask
+
+    q, k, v = _inputs(2, 2, 23, 31, 16, torch.float32, device)
+    torch.manual_seed(1)
+    a = flash_attention(q, k, v, dropout_p=p)
+    torch.manual_seed(1)
+    b = flash_attention(q, k, v, dropout_p=p)
+    c = flash_attention(q, k, v, dropout_p=p)  # generator moved on: a new mask
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_reference_under_same_mask(device, causal):
+    p = 0.3
+    batch, heads, seq_q, seq_k, head_dim = 3, 2, 37, 45, 24
+    q, k, v = _inputs(batch, heads, seq_q, seq_k, head_dim, torch.float32, device)
+    attention_mask = _padding_mask(batch, seq_k, device)
+    state = torch.get_rng_state()
+    seed = draw_dropout_seed()  # the seed flash_attention will draw from the same generator state
+    torch.set_rng_state(state)
+    dropout_mask = flash_attention_dropout_mask(batch, heads, seq_q, seq_k, p, seed, device=device)
+    _check_against_reference(q, k, v, causal=causal, attention_mask=attention_mask, dropout_mask=dropout_mask,
+                             dropout_p=p)
+
+
+def test_empty_key_sequence_gives_zeros(device):
+    q, k, v = _inputs(2, 2, 5, 0, 16, torch.float32, device)
+    out = flash_attention(q, k, v)
+    assert out.shape == q.shape and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+
+
+def test_bad_inputs(device):
+    q, k, v = (t.detach() for t in _inputs(2, 2, 5, 7, 16, torch.float32, device))
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        flash_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        flash_attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="agree on batch, heads and head_dim"):
+        flash_attention(q[:, :1], k, v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        flash_attention(q.half(), k, v)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        flash_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, seq_k\] = \[2, 7\]"):
+        flash_attention(q, k, v, attention_mask=torch.ones(2, 5, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="bool or integer"):
+        flash_attention(q, k, v, attention_mask=torch.ones(2, 7, device=device))
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attention(q, k, v, dropout_p=1.0)
+    big = torch.randn(1, 1, 3, 160, device=device)
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        flash_attention(big, big, big)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large autotuned shapes need a GPU")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_large_shapes_on_gpu(device, causal, head_dim):
+    """Block sizes from autotuning (up to 128) over several blocks, bf16, with padding and dropout."""
+    batch, heads, seq = 3, 4, 1000
+    q, k, v = _inputs(batch, heads, seq, seq, head_dim, torch.bfloat16, device)
+    _check_against_reference(q, k, v, causal=causal, attention_mask=_padding_mask(batch, seq, device))
+    p = 0.1
+    state = torch.get_rng_state()
+    seed = draw_dropout_seed()
+    torch.set_rng_state(state)
+    dropout_mask = flash_attention_dropout_mask(batch, heads, seq, seq, p, seed, device=device)
+    _check_against_reference(q, k, v, causal=causal, attention_mask=None, dropout_mask=dropout_mask, dropout_p=p)
