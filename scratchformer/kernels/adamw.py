@@ -209,20 +209,26 @@ def _reduce_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Launch tables
 # ----------------------------------------------------------------------------------------------------------
-def _launch_table(rows: list[list[torch.Tensor | None]], block: int, cache: dict | None):
-    """Device tables for one multi-tensor launch: (addresses [len(rows), T], numels [T], block map x2).
+def _launch_table(rows: list[list[torch.Tensor | None]], block: int, cache: dict | None, key_rows: int = 2,
+                  validate=None):
+    """Device tables for one multi-tensor launch: (addresses [len(rows), T], numels [T], block map x2, blocks).
 
     rows: lists of T tensors each (None entries become address 0: rows a kernel variant never reads).
     The first row defines the element counts. Everything is packed into one int64 tensor and copied with a
-    single pinned, asynchronous copy; `cache` (a dict owned by the caller) keeps the result while no address
-    changes, so a steady training loop uploads nothing.
+    single pinned, asynchronous copy. `cache` (a dict owned by the caller) keeps the result while the
+    addresses of the first `key_rows` rows (parameters and gradients: the only ones that change in a normal
+    loop) stay the same, so a steady training loop uploads nothing and checks nothing; the caller must use
+    a fresh dict when it replaces any other tensor (the optimizer does, on load_state_dict). `validate` is
+    called on a cache miss only, to keep per-step host work small.
     """
+    key = (tuple(x.data_ptr() for row in rows[:key_rows] for x in row), block)
+    if cache is not None and cache.get("key") == key:
+        return cache["tables"]
+    if validate is not None:
+        validate()
     device = rows[0][0].device
     ptrs = [0 if x is None else x.data_ptr() for row in rows for x in row]
     numels = [x.numel() for x in rows[0]]
-    key = (tuple(ptrs), tuple(numels), block)
-    if cache is not None and cache.get("key") == key:
-        return cache["tables"]
     num_tensors = len(numels)
     numel_t = torch.tensor(numels, dtype=torch.int64)
     blocks_per_tensor = (numel_t + block - 1) // block
@@ -295,22 +301,26 @@ def fused_adamw_(
     on the device; each is incremented by one (by `1 - found_inf` when found_inf is given) BEFORE the
     update, as torch's fused AdamW does. grad_scale: fp32 [1] or 0-dim device tensor the gradients are
     divided by. found_inf: fp32 [1] or 0-dim device tensor; non-zero skips the whole step (state unchanged).
-    cache: a dict the caller keeps between steps so the launch tables are reused. Nothing syncs with host.
+    cache: a dict the caller keeps between steps so the launch tables (and the argument checks) are reused
+    while the params' and grads' addresses stay the same; use a fresh dict after replacing state tensors.
+    Nothing syncs with the host.
     """
     if not params:
         return
-    _check_list("grads", grads, params)
-    _check_list("exp_avgs", exp_avgs, params)
-    _check_list("exp_avg_sqs", exp_avg_sqs, params, exp_avgs[0].dtype)
-    if amsgrad:
-        _check_list("max_exp_avg_sqs", max_exp_avg_sqs or [], params, exp_avgs[0].dtype)
-    if master_params is not None:
-        _check_list("master_params", master_params, params, torch.float32)
-    _check_list("params", params, params)
-    if len(state_steps) != len(params):
-        raise ValueError(f"state_steps has {len(state_steps)} tensors, expected {len(params)}")
     if not 0.0 < beta1 < 1.0 or not 0.0 < beta2 < 1.0:
         raise ValueError(f"betas must lie in (0, 1) for the fused kernel, got ({beta1}, {beta2})")
+
+    def validate():
+        _check_list("params", params, params)
+        _check_list("grads", grads, params)
+        _check_list("exp_avgs", exp_avgs, params)
+        _check_list("exp_avg_sqs", exp_avg_sqs, params, exp_avgs[0].dtype)
+        if amsgrad:
+            _check_list("max_exp_avg_sqs", max_exp_avg_sqs or [], params, exp_avgs[0].dtype)
+        if master_params is not None:
+            _check_list("master_params", master_params, params, torch.float32)
+        if len(state_steps) != len(params) or any(s.numel() != 1 or s.dtype != torch.float32 for s in state_steps):
+            raise ValueError(f"state_steps must be {len(params)} float32 one-element tensors")
 
     rows = [
         params,
@@ -321,7 +331,7 @@ def fused_adamw_(
         master_params if master_params is not None else [None] * len(params),
         state_steps,
     ]
-    table, numels, block_tensor, block_start, n_blocks = _launch_table(rows, block, cache)
+    table, numels, block_tensor, block_start, n_blocks = _launch_table(rows, block, cache, validate=validate)
 
     torch._foreach_add_(state_steps, 1.0)
     dummy = state_steps[0]
@@ -357,8 +367,8 @@ def fused_adamw_(
 
 
 def _reduce(tensors: list[torch.Tensor], mode: int, out: torch.Tensor | None, block: int, cache: dict | None):
-    _check_list("tensors", tensors, tensors)
-    table, numels, block_tensor, block_start, n_blocks = _launch_table([tensors], block, cache)
+    table, numels, block_tensor, block_start, n_blocks = _launch_table(
+        [tensors], block, cache, key_rows=1, validate=lambda: _check_list("tensors", tensors, tensors))
     if out is None:
         out = torch.empty(n_blocks, dtype=torch.float32, device=tensors[0].device)
     _reduce_kernel[(n_blocks,)](
