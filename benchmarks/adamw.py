@@ -153,7 +153,7 @@ def write_results(out, tag, name, copy_gbs, rows, providers, on_gpu):
         f"GB/s counts {BYTES_PER_PARAM} bytes per fp32 parameter; % is of the copy bandwidth. "
         + ("Times are do_bench medians [20th-80th percentile]." if on_gpu else
            "CPU: wall-clock medians; 'ours' is our optimizer's CPU path (torch's fused kernel); these small "
-           "sizes sit partly in cache, hence more than 100% of the 256 MiB copy bandwidth."),
+           "sizes sit partly in cache, hence more than 100% of the copy bandwidth (64 MiB tensor)."),
         "",
         "| case | params | tensors | " + " | ".join(f"{p} ms | {p} GB/s (%)" for p in providers) + " |",
         "|---|---:|---:|" + "---:|---:|" * len(providers),
