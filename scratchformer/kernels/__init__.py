@@ -3,6 +3,7 @@
 Ground floor of the package: imports torch and triton only.
 """
 
+from .adamw import fused_adamw_, multi_tensor_norm, nonfinite_check_
 from .attention_reference import attention_reference
 from .flash_attention import flash_attention
 from .lora import lora_dropout_mask, lora_linear

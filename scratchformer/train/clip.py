@@ -1,0 +1,61 @@
+"""Gradient clipping by the global norm, the norm taken in one fused multi-tensor reduction.
+
+`clip_grad_norm_(model.parameters(), 1.0)` behaves like `torch.nn.utils.clip_grad_norm_`: it returns the
+total norm of all gradients (as if concatenated into one vector) and, when that exceeds `max_norm`,
+multiplies every gradient by `max_norm / (total_norm + 1e-6)`. On CUDA (or under TRITON_INTERPRET=1) the
+norm is one Triton launch per gradient dtype writing per-block partial results, finished by one torch
+reduction (deterministic, no host sync); elsewhere it is torch's `_foreach_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from scratchformer.kernels.adamw import multi_tensor_norm
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return backend == "triton"
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    *, backend: str = "auto") -> torch.Tensor:
+    """Clip the gradients of `parameters` in place to a global norm of at most `max_norm`.
+
+    parameters: a tensor or an iterable of tensors whose `.grad` is used (None grads are skipped).
+    norm_type: 2.0 or inf use the fused kernel; other p fall back to torch. Returns the total norm as a
+    float32 0-dim tensor on the gradients' device (torch returns it in the gradients' dtype).
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (device, _), gs in groups.items():
+        if _use_triton(device, backend) and norm_type in (2.0, math.inf):
+            norms.append(multi_tensor_norm([g if g.is_contiguous() else g.contiguous() for g in gs], norm_type))
+        else:
+            norms.extend(n.float() for n in torch._foreach_norm(gs, norm_type))
+    first_device = grads[0].device
+    norms = [n.to(first_device) for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
+                           "clipped. Pass error_if_nonfinite=False to clip anyway.")
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for (device, _), gs in groups.items():
+        torch._foreach_mul_(gs, coef.to(device))
+    return total
