@@ -2,3 +2,5 @@
 
 from .lora import lora_dropout_mask, lora_linear
 from .lora_reference import lora_linear_reference
+from .layer_norm import layer_norm
+from .layer_norm_reference import layer_norm_reference
