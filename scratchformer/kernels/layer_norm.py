@@ -168,6 +168,8 @@ def layer_norm(
     shape = x.shape
     x2d = _rows(x)
     r2d = _rows(residual) if residual is not None else None
+    weight = weight.contiguous() if weight is not None else None  # loaded with unit stride
+    bias = bias.contiguous() if bias is not None else None
     out = _LayerNormFunction.apply(x2d, r2d, weight, bias, float(eps))
     if residual is None:
         return out.reshape(shape)
