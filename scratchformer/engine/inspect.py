@@ -52,6 +52,7 @@ class CheckpointInfo:
     ignored: list[str] = field(default_factory=list)  # file keys skipped on purpose (buffers, tied copies)
     unexpected: list[str] = field(default_factory=list)  # file keys nothing reads
     new: list[str] = field(default_factory=list)  # our parameters the file lacks (initialised when loading)
+    num_parameters: int = 0  # model: parameters of our model class; adapter: tensors' elements
 
     @property
     def dtypes(self) -> dict[str, int]:
@@ -62,7 +63,8 @@ class CheckpointInfo:
         return out
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "kind": self.kind, **self.fields, "dtypes": self.dtypes,
+        return {"path": self.path, "kind": self.kind, **self.fields, "num_parameters": self.num_parameters,
+                "dtypes": self.dtypes,
                 "mapped": self.mapped, "ignored": self.ignored, "unexpected": self.unexpected, "new": self.new}
 
     def format(self, show_keys: bool = False) -> str:
@@ -134,7 +136,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     n_model = sum(p.numel() for p in model.parameters())
     architectures = config.extra.get("architectures") or ["(none)"]
     info = CheckpointInfo(str(folder), "model", tensors=tensors, mapped=mapped, ignored=match.ignored,
-                          unexpected=match.unexpected, new=match.new)
+                          unexpected=match.unexpected, new=match.new, num_parameters=n_model)
     info.fields = {
         "model_type": config.model_type,
         "architecture": f"{', '.join(architectures)} -> scratchformer {cls.__name__}",
@@ -167,7 +169,7 @@ def _inspect_adapter(folder: Path) -> CheckpointInfo:
     saved = sorted({t.key.removeprefix(PEFT_PREFIX).rsplit(".", 1)[0] for t in tensors if ".lora_" not in t.key})
     n_lora = sum(t.numel for t in tensors if ".lora_" in t.key)
     n_saved = sum(t.numel for t in tensors if ".lora_" not in t.key)
-    info = CheckpointInfo(str(folder), "adapter", tensors=tensors)
+    info = CheckpointInfo(str(folder), "adapter", tensors=tensors, num_parameters=n_lora + n_saved)
     info.fields = {
         "type": "LoRA (PEFT format)",
         "r": config.r,
