@@ -45,8 +45,11 @@ def allowed_mask(
     return mask
 
 
-def eager_attention(q, k, v, *, causal, key_padding_mask, dropout_p, scale):
-    """q: `[batch, heads, seq_q, head_dim]`, k, v: `[batch, heads, seq_k, head_dim]` -> `[batch, heads, seq_q, head_dim]`."""
+def eager_attention(q, k, v, *, causal, key_padding_mask, dropout_p, scale, return_probs=False):
+    """q: `[batch, heads, seq_q, head_dim]`, k, v: `[batch, heads, seq_k, head_dim]` -> `[batch, heads, seq_q, head_dim]`.
+
+    return_probs: also return the attention probabilities `[batch, heads, seq_q, seq_k]` (before dropout).
+    """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [batch, heads, seq_q, seq_k]
     mask = allowed_mask(key_padding_mask, causal, q.shape[-2], k.shape[-2], q.device)
     if mask is not None:
@@ -55,9 +58,11 @@ def eager_attention(q, k, v, *, causal, key_padding_mask, dropout_p, scale):
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if mask is not None:
         probs = probs.masked_fill(~mask, 0.0)  # rows with no allowed key become zeros
+    kept = probs
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v)
+    out = torch.matmul(probs, v)
+    return (out, kept) if return_probs else out
 
 
 def sdpa_attention(q, k, v, *, causal, key_padding_mask, dropout_p, scale):
@@ -111,6 +116,9 @@ class SelfAttention(nn.Module):
         else:
             self.query, self.key, self.value = Linear(hidden, hidden), Linear(hidden, hidden), Linear(hidden, hidden)
         self.out = Linear(hidden, hidden)
+        # A callable that receives this layer's probabilities `[batch, heads, seq_q, seq_k]`; while one is set,
+        # the layer runs the eager path whatever the backend (see `attention_probabilities`). None: no cost.
+        self.recorder = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """`[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]` (a view, no copy)."""
@@ -129,15 +137,35 @@ class SelfAttention(nn.Module):
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        out = attend(
-            q,
-            k,
-            v,
-            backend=self.backend,
-            causal=self.causal,
-            key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.recorder is not None:
+            out, probs = eager_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                                         dropout_p=dropout_p, scale=q.shape[-1] ** -0.5, return_probs=True)
+            self.recorder(probs)
+        else:
+            out = attend(q, k, v, backend=self.backend, causal=self.causal, key_padding_mask=key_padding_mask,
+                         dropout_p=dropout_p)
         batch, _, seq, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.out(out), (k, v)
+
+
+@torch.no_grad()
+def attention_probabilities(model, input_ids, attention_mask=None, token_type_ids=None, *, layer: int) -> torch.Tensor:
+    """The attention probabilities of one layer of `model`, from the eager path: `[batch, heads, seq, seq]` fp32.
+
+    input_ids, attention_mask, token_type_ids: `[batch, seq]`, as for the model's forward. `layer` counts from 0
+    (negative counts from the end). Row i of head h is the distribution query token i puts over the keys;
+    padded keys get 0, and so do future keys in a causal model.
+    """
+    blocks = model.body.blocks
+    if not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"layer {layer} out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})")
+    attn = blocks[layer].attn
+    captured = []
+    attn.recorder = captured.append
+    try:
+        model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    finally:
+        attn.recorder = None
+    return captured[0].float()

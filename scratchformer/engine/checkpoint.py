@@ -174,6 +174,40 @@ def _normalise(key: str, prefix: str) -> str:
     return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
 
 
+@dataclass
+class KeyMatch:
+    """How the keys of a checkpoint meet a model (see `match_keys`)."""
+
+    plan: list = field(default_factory=list)  # (our parameter, normalised HF key, transpose) for each weight loaded
+    missing: list[str] = field(default_factory=list)  # body weights the file lacks (an error when loading)
+    new: list[str] = field(default_factory=list)  # our head / pooler parameters the file lacks (initialised)
+    unexpected: list[str] = field(default_factory=list)  # file keys nothing uses
+    ignored: list[str] = field(default_factory=list)  # file keys we skip on purpose (buffers, tied copies)
+
+
+def match_keys(model, keys, prefix: str | None = None) -> KeyMatch:
+    """Match the HF keys of a checkpoint file against `model`'s parameters, reading no tensor.
+
+    `keys` are the file's keys as stored; the returned `unexpected` and `ignored` lists use those spellings,
+    `plan` and `missing` the normalised ones (body prefix stripped, legacy gamma/beta renamed).
+    """
+    prefix = BODY_PREFIX[model.config.model_type] if prefix is None else prefix
+    available = {_normalise(key, prefix): key for key in keys}
+    match = KeyMatch()
+    for name, (hf_key, transpose, in_body) in param_table(model).items():
+        if hf_key in available:
+            match.plan.append((name, hf_key, transpose))
+        elif in_body and not name.startswith("body.pooler."):
+            match.missing.append(hf_key)
+        else:
+            match.new.append(name)
+    used = {hf_key for _, hf_key, _ in match.plan}
+    for norm, orig in sorted(available.items(), key=lambda item: item[1]):
+        if norm not in used:
+            (match.ignored if IGNORED_KEYS.search(norm) else match.unexpected).append(orig)
+    return match
+
+
 def load_weights(model, folder: Path) -> LoadReport:
     """Fill `model`'s parameters (already allocated on their device and dtype) from the checkpoint in `folder`.
 
@@ -187,22 +221,13 @@ def load_weights(model, folder: Path) -> LoadReport:
         available[_normalise(key, prefix)] = (file, key)
 
     params = dict(model.named_parameters())
-    report = LoadReport()
-    plan, missing = [], []
-    for name, (hf_key, transpose, in_body) in param_table(model).items():
-        if hf_key in available:
-            plan.append((name, hf_key, transpose))
-        elif in_body and not name.startswith("body.pooler."):
-            missing.append(hf_key)
-        else:
-            report.new.append(name)
-    if missing:
+    match = match_keys(model, files, prefix)
+    if match.missing:
+        missing = match.missing
         where = sorted({str(available_file) for available_file in set(files.values())})
         raise CheckpointError(f"{', '.join(where)}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    used = {hf_key for _, hf_key, _ in plan}
-    report.unexpected = sorted(
-        orig for norm, (_, orig) in available.items() if norm not in used and not IGNORED_KEYS.search(norm)
-    )
+    report = LoadReport(new=match.new, unexpected=match.unexpected)
+    plan = match.plan
 
     by_file: dict[Path, list] = {}
     for name, hf_key, transpose in plan:

@@ -37,12 +37,14 @@ def generate(
     eos_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    callback=None,
 ) -> torch.Tensor:
     """input_ids `[batch, prompt]` -> `[batch, prompt + new]` (prompt included, as HF returns it).
 
     Prompts of different lengths are left-padded, with attention_mask marking the real tokens. A row that has
     produced `eos_token_id` is padded afterwards (with pad_token_id, or eos when the model has none); generation
-    stops early when every row has finished.
+    stops early when every row has finished. callback: called after each step with the new tokens `[batch]`
+    (a progress bar, a streamer).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -72,6 +74,8 @@ def generate(
             next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
             unfinished &= next_token != eos_token_id
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        if callback is not None:
+            callback(next_token)
         if eos_token_id is not None and not unfinished.any():
             break
         step_ids = next_token[:, None]

@@ -77,8 +77,9 @@ class SentenceEncoder:
                 return_tensors="pt",
             )
             mask = batch["attention_mask"].to(device)
+            types = batch.get("token_type_ids")  # GPT-2 style tokenizers return none
             hidden = self.encoder(
-                batch["input_ids"].to(device), attention_mask=mask, token_type_ids=batch["token_type_ids"].to(device)
+                batch["input_ids"].to(device), attention_mask=mask, token_type_ids=None if types is None else types.to(device)
             ).last_hidden_state
             vectors = pool(hidden.float(), mask, self.pooling)
             out.append(F.normalize(vectors, p=2, dim=-1) if normalize else vectors)

@@ -1,0 +1,65 @@
+"""Pictures: attention heatmaps. matplotlib is optional; it is imported only when a picture is drawn."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def _matplotlib_figure():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RuntimeError("drawing needs matplotlib, which is not installed: pip install matplotlib") from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_attention(probs, tokens: list[str], path: str | os.PathLike, *, title: str = "",
+                   head_names: list[str] | None = None) -> Path:
+    """Draw attention probabilities as heatmaps (rows: queries, columns: keys) and save a PNG.
+
+    probs: `[seq, seq]` (one head) or `[heads, seq, seq]` (a grid, one panel per head); a tensor or array.
+    tokens: the `seq` token strings, used as tick labels on both axes.
+    """
+    import numpy as np
+
+    data = np.asarray(probs.detach().cpu().float() if hasattr(probs, "detach") else probs, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[1] != data.shape[2] or data.shape[1] != len(tokens):
+        raise ValueError(f"probs must be [seq, seq] or [heads, seq, seq] with seq = {len(tokens)} tokens, "
+                         f"got shape {list(data.shape)}")
+    Figure, FigureCanvasAgg = _matplotlib_figure()
+    heads, seq = data.shape[0], data.shape[1]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    panel = max(3.0, 0.28 * seq + 1.0)
+    fig = Figure(figsize=(panel * cols + 0.8, panel * rows + (0.5 if title else 0)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    names = head_names or [f"head {h}" for h in range(heads)]
+    image = None
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.axis("off")
+            continue
+        image = ax.imshow(data[h], vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_xticks(range(seq))
+        ax.set_yticks(range(seq))
+        fontsize = 8 if seq <= 24 else 6
+        ax.set_xticklabels(tokens, rotation=90, fontsize=fontsize)
+        ax.set_yticklabels(tokens, fontsize=fontsize)
+        if h % cols == 0:  # axis names on the outer panels only
+            ax.set_ylabel("query")
+        if h + cols >= heads:
+            ax.set_xlabel("key")
+        ax.set_title(names[h], fontsize=10)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention probability")
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    return out
