@@ -27,7 +27,7 @@ BENCHMARKS = {
     "cross_entropy": "fused cross-entropy vs PyTorch",
     "engine": "our engine vs transformers, forward and training step",
     "train": "training steps per second, our loop vs a plain PyTorch loop",
-    "tokenize": "corpus preparation vs a per-document transformers loop",
+    "tokenize_corpus": "corpus preparation vs a per-document transformers loop",
 }
 
 

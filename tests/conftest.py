@@ -39,11 +39,15 @@ def hf_checkpoints(tmp_path_factory):
 
 @pytest.fixture
 def hf_tiny(hf_checkpoints):
-    """hf_tiny(name) -> (folder, a fresh HF model loaded from it, in eval mode): safe to train and mutate."""
+    """hf_tiny(name, no_dropout=False) -> (folder, a fresh HF model loaded from it, in eval mode): safe to
+    train and mutate. no_dropout=True zeroes every dropout probability in the HF config (for training parity)."""
     aliases = {"gpt2": "gpt2_lm", "bert": "bert_mlm"}
+    zero = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0)
 
-    def make(name):
+    def make(name, no_dropout=False):
         folder, model = hf_checkpoints[aliases.get(name, name)]
-        return folder, type(model).from_pretrained(folder).eval()
+        overrides = {k: v for k, v in zero.items() if hasattr(model.config, k)} if no_dropout else {}
+        return folder, type(model).from_pretrained(folder, **overrides).eval()
 
     return make

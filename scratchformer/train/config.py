@@ -50,6 +50,8 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.decay == "constant" or self.warmup_steps < self.max_steps,
+             f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps}) for {self.decay} decay"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.decay in DECAYS, f"decay must be one of {DECAYS}"),

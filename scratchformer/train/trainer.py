@@ -48,10 +48,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the peak LR at step t: linear warmup, then cosine / linear decay to min_lr_ratio."""
-    from .schedules import warmup_decay
+    """Multiplier of the peak LR at step t: linear warmup, then cosine / linear decay to min_lr_ratio (or flat)."""
+    from .schedules import linear_warmup_cosine_decay_lambda, linear_warmup_linear_decay_lambda
 
-    return warmup_decay(config.warmup_steps, config.max_steps, decay=config.decay, min_ratio=config.min_lr_ratio)
+    if config.decay == "constant":
+        warmup = config.warmup_steps
+        return lambda step: min(1.0, step / warmup) if warmup else 1.0
+    make = linear_warmup_cosine_decay_lambda if config.decay == "cosine" else linear_warmup_linear_decay_lambda
+    return make(config.warmup_steps, config.max_steps, min_ratio=config.min_lr_ratio)
 
 
 class Trainer:
@@ -161,9 +165,15 @@ class Trainer:
             if not produced:
                 raise ValueError("the training data yielded no batch")
 
-    def train(self, resume: bool = False) -> list[dict]:
-        """Run until config.max_steps; returns the logged records (also in <out>/metrics.jsonl)."""
+    def train(self, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+        """Run until config.max_steps; returns the logged records (also in <out>/metrics.jsonl).
+
+        resume: continue from the latest checkpoint in config.out. stop_after: stop once this many optimizer
+        steps are done (a checkpoint is written there, no final/ folder), e.g. to split a run across jobs;
+        the schedule still spans max_steps, so a resumed run reproduces the uninterrupted one exactly.
+        """
         config = self.config
+        end = config.max_steps if stop_after is None else min(stop_after, config.max_steps)
         self._setup()
         if resume:
             self._resume()
@@ -178,7 +188,7 @@ class Trainer:
         tokens_since, time_since = 0, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < config.max_steps:
+        while self.step < end:
             self.model.train()
             loss_sum, tokens = 0.0, 0
             for micro in range(config.grad_accum):
@@ -205,10 +215,10 @@ class Trainer:
             metrics = {}
             if self.eval_data is not None and ((config.eval_every and self.step % config.eval_every == 0) or at_end):
                 metrics = self.evaluate()
-            if (config.save_every and self.step % config.save_every == 0) or at_end:
+            if (config.save_every and self.step % config.save_every == 0) or self.step == end:
                 self.save(metrics)
         progress.close()
-        if self.dist.is_main:
+        if self.step == config.max_steps and self.dist.is_main:
             save_model_folder(self.model, self.out / "final", self.tokenizer)
         self.dist.barrier()
         return self.history

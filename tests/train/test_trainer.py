@@ -47,8 +47,12 @@ def reference_losses(model, batches, cfg: TrainConfig):
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, reference_schedule(cfg.warmup_steps, cfg.max_steps))
     params = decay + no_decay
-    losses, it = [], iter(batches)
     model.train()
+    with torch.no_grad():  # the untrained model's losses on the same batches: training must move away from them
+        it = iter(batches)
+        frozen = [sum(model(**next(it)).loss.item() / cfg.grad_accum for _ in range(cfg.grad_accum))
+                  for _ in range(cfg.max_steps)]
+    losses, it = [], iter(batches)
     for _ in range(cfg.max_steps):
         total = 0.0
         for _ in range(cfg.grad_accum):
@@ -60,6 +64,8 @@ def reference_losses(model, batches, cfg: TrainConfig):
         sched.step()
         opt.zero_grad()
         losses.append(total)
+    moved = max(abs(a - b) / abs(b) for a, b in zip(losses, frozen))
+    assert moved > 1e-3, f"the reference run barely trained (max relative change {moved:.1e}): parity would be vacuous"
     return losses
 
 
@@ -78,7 +84,10 @@ def lm_batches(n, vocab, batch=3, seq=13, seed=0, mlm=False):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        # Counting sequences (each token is the previous + a per-row stride): learnable, so the loss must fall.
+        start = torch.randint(1, vocab, (batch, 1), generator=g)
+        stride = torch.randint(1, 4, (batch, 1), generator=g)
+        ids = (start + stride * torch.arange(seq)) % (vocab - 1) + 1
         mask = torch.ones_like(ids)
         labels = ids.clone()
         if mlm:
@@ -91,11 +100,10 @@ def assert_losses_close(ours, ref, rel=1e-5):
     assert len(ours) == len(ref)
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert abs(a - b) <= rel * abs(b), f"step {step}: ours {a} vs reference {b}"
-    assert ref[-1] < ref[0]  # the run actually trained
 
 
 def test_causal_pretraining_matches_reference(hf_tiny, tmp_path):
-    folder, hf = hf_tiny("gpt2")
+    folder, hf = hf_tiny("gpt2", no_dropout=True)
     batches = lm_batches(STEPS, 97)
     cfg = config(tmp_path)
     ref = reference_losses(hf, batches, cfg)
@@ -104,7 +112,7 @@ def test_causal_pretraining_matches_reference(hf_tiny, tmp_path):
 
 
 def test_mlm_pretraining_matches_reference(hf_tiny, tmp_path):
-    folder, hf = hf_tiny("bert_mlm")
+    folder, hf = hf_tiny("bert_mlm", no_dropout=True)
     batches = lm_batches(STEPS, 101, mlm=True)
     cfg = config(tmp_path)
     assert_losses_close(our_losses(MaskedLM.from_pretrained(folder, **NO_DROPOUT), batches, cfg),
@@ -118,12 +126,13 @@ def _classification_batches(n, seed=0):
         ids = torch.randint(1, 101, (4, 11), generator=g)
         lengths = torch.tensor([11, 7, 9, 4])
         mask = (torch.arange(11)[None] < lengths[:, None]).long()
-        out.append({"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=g)})
+        # The label is a function of the first token, so the classifier has something to learn.
+        out.append({"input_ids": ids * mask, "attention_mask": mask, "labels": ids[:, 0] % 3})
     return out
 
 
 def test_sequence_classification_matches_reference(hf_tiny, tmp_path):
-    folder, hf = hf_tiny("bert_seq")
+    folder, hf = hf_tiny("bert_seq", no_dropout=True)
     batches = _classification_batches(STEPS)
     cfg = config(tmp_path)
     assert_losses_close(our_losses(SequenceClassifier.from_pretrained(folder, **NO_DROPOUT), batches, cfg),
@@ -131,7 +140,7 @@ def test_sequence_classification_matches_reference(hf_tiny, tmp_path):
 
 
 def test_lora_finetuning_matches_peft(hf_tiny, tmp_path):
-    folder, hf = hf_tiny("bert_seq")
+    folder, hf = hf_tiny("bert_seq", no_dropout=True)
     ours = SequenceClassifier.from_pretrained(folder, **NO_DROPOUT)
     apply_lora(ours, r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
     with torch.no_grad():
@@ -147,7 +156,7 @@ def test_lora_finetuning_matches_peft(hf_tiny, tmp_path):
 
 
 def test_gradient_accumulation_equals_double_batch(hf_tiny, tmp_path):
-    folder, _ = hf_tiny("gpt2")
+    folder, _ = hf_tiny("gpt2", no_dropout=True)
     halves = lm_batches(2 * 8, 97, batch=2, seq=9, seed=3)
     doubled = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(halves[0::2], halves[1::2])]
     accum = our_losses(CausalLM.from_pretrained(folder, **NO_DROPOUT), halves, config(tmp_path / "a", max_steps=8, grad_accum=2))
@@ -158,19 +167,20 @@ def test_gradient_accumulation_equals_double_batch(hf_tiny, tmp_path):
 def test_resume_continues_the_same_run(hf_tiny, tmp_path):
     from scratchformer.tokenize import TokenBlockLoader
 
-    folder, _ = hf_tiny("gpt2")
+    folder, _ = hf_tiny("gpt2", no_dropout=True)
     tokens = torch.randint(0, 97, (5000,)).numpy()
 
-    def run(out, steps, resume=False):
+    def run(out, resume=False, stop_after=None):
         model = CausalLM.from_pretrained(folder, **NO_DROPOUT)
         data = TokenBlockLoader(tokens, batch_size=2, block_size=16, seed=5)
-        cfg = config(out, max_steps=steps, save_every=5, keep_last=1)
-        history = Trainer(model, cfg, train_data=data).train(resume=resume)
+        cfg = config(out, max_steps=20, save_every=5, keep_last=1)
+        history = Trainer(model, cfg, train_data=data).train(resume=resume, stop_after=stop_after)
         return model, [r["loss"] for r in history if "loss" in r]
 
-    straight_model, straight = run(tmp_path / "straight", 20)
-    _, first = run(tmp_path / "resumed", 10)
-    resumed_model, second = run(tmp_path / "resumed", 20, resume=True)
+    straight_model, straight = run(tmp_path / "straight")
+    _, first = run(tmp_path / "resumed", stop_after=10)
+    assert len(first) == 10 and not (tmp_path / "resumed" / "run" / "final").exists()
+    resumed_model, second = run(tmp_path / "resumed", resume=True)
     assert first + second == straight  # bit-identical losses
     for (n, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
         assert torch.equal(a, b), n
@@ -182,7 +192,7 @@ def test_resume_continues_the_same_run(hf_tiny, tmp_path):
 
 
 def test_killed_checkpoint_write_leaves_previous_loadable(hf_tiny, tmp_path, monkeypatch):
-    folder, _ = hf_tiny("gpt2")
+    folder, _ = hf_tiny("gpt2", no_dropout=True)
     batches = lm_batches(12, 97, seed=4)
     cfg = config(tmp_path, max_steps=12, save_every=5, keep_last=3)
     calls = {"n": 0}
@@ -212,7 +222,7 @@ def test_bad_config_values_are_named():
 
 
 def test_resume_without_checkpoint_is_an_error(hf_tiny, tmp_path):
-    folder, _ = hf_tiny("gpt2")
+    folder, _ = hf_tiny("gpt2", no_dropout=True)
     with pytest.raises(ValueError, match="no checkpoint"):
         Trainer(CausalLM.from_pretrained(folder), config(tmp_path), train_data=lm_batches(2, 97)).train(resume=True)
 
@@ -237,7 +247,7 @@ if int(os.environ.get("RANK", "0")) == 0:
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(hf_tiny, tmp_path):
     """Two gloo processes with one batch each per step equal one process accumulating both batches."""
-    folder, _ = hf_tiny("gpt2")
+    folder, _ = hf_tiny("gpt2", no_dropout=True)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}

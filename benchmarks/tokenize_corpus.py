@@ -1,8 +1,8 @@
 """Corpus preparation throughput: `prepare_corpus` against a plain loop calling transformers' tokenizer once
 per document.
 
-    PYTHONPATH=. python benchmarks/tokenize.py            # ~50 MB corpus
-    PYTHONPATH=. python benchmarks/tokenize.py --quick    # ~3 MB, a few seconds (CI / CPU sanity run)
+    PYTHONPATH=. python benchmarks/tokenize_corpus.py            # ~50 MB corpus
+    PYTHONPATH=. python benchmarks/tokenize_corpus.py --quick    # ~3 MB, a few seconds (CI / CPU sanity run)
 
 The corpus is the text of `pydoc_data.topics` (ships with Python) repeated to the target size, one
 document per line. The tokenizer is the real MiniLM WordPiece (30522 ids -> uint16 files) when the
