@@ -49,8 +49,9 @@ import triton.language as tl
 DEFAULT_BLOCK = 4096
 DEFAULT_NUM_WARPS = 8
 
-# Row order of the pointer table built by `_launch_table` for the AdamW kernel.
-_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _MASTER, _STEP = range(7)
+# Row order of the pointer table built by `_launch_table` for the AdamW kernel. Module globals read inside a
+# compiled kernel must be tl.constexpr (the interpreter accepts plain ints, the GPU compiler does not).
+_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _MASTER, _STEP = (tl.constexpr(i) for i in range(7))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ class DistributedContext:
     local_rank: int = 0
 
     @classmethod
-    def from_environment(cls) -> DistributedContext:
+    def from_environment(cls, device_type: str = "cuda") -> DistributedContext:
+        """Join the process group torchrun describes in the environment: NCCL when training on CUDA, else gloo."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
         ctx = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if device_type == "cuda" and torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(ctx.local_rank)
             dist.init_process_group(backend=backend)

@@ -81,8 +81,8 @@ class Trainer:
         self.tokenizer = tokenizer
         self.extra_info = extra_info or {}
         self.out = Path(config.out)
-        self.dist = DistributedContext.from_environment()
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = DistributedContext.from_environment(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.step = 0

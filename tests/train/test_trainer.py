@@ -252,11 +252,11 @@ def test_ddp_two_processes_equal_one(hf_tiny, tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                    str(script), str(folder), str(tmp_path / "ddp"), "1", str(tmp_path / "ddp.json")],
-                   check=True, env=env, capture_output=True, timeout=240)
-    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), "2", str(tmp_path / "one.json")],
-                   check=True, env=env, capture_output=True, timeout=240)
+    for command in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                     str(script), str(folder), str(tmp_path / "ddp"), "1", str(tmp_path / "ddp.json")],
+                    [sys.executable, str(script), str(folder), str(tmp_path / "one"), "2", str(tmp_path / "one.json")]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
     ddp, one = json.loads((tmp_path / "ddp.json").read_text()), json.loads((tmp_path / "one.json").read_text())
     assert_losses_close(ddp["losses"], one["losses"])
     assert abs(ddp["weight"] - one["weight"]) <= 1e-5 * abs(one["weight"])
