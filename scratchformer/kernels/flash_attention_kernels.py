@@ -56,7 +56,7 @@ def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
 
 
-_FWD_CONFIGS = _configs(
+_FWD_OPTIONS = (
     [
         (128, 64, 8, 3),
         (128, 64, 4, 3),
@@ -68,26 +68,60 @@ _FWD_CONFIGS = _configs(
         (16, 128, 4, 3),
     ]
 )
+_FWD_CONFIGS = _configs(_FWD_OPTIONS)
 # Backward: the dK/dV kernel keeps a block of K, V, dK, dV resident and streams Q/dO; the dQ kernel the
 # reverse. Smaller tiles than the forward because each iteration holds more live tiles.
-_BWD_KV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)])
-_BWD_Q_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+_BWD_KV_OPTIONS = [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)]
+_BWD_Q_OPTIONS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_BWD_KV_CONFIGS = _configs(_BWD_KV_OPTIONS)
+_BWD_Q_CONFIGS = _configs(_BWD_Q_OPTIONS)
 
 
-def _prune_for_seq(configs, named_args, **kwargs):
-    """Keep the BLOCK_M=16 (decoding) configs only for at most 16 queries, and drop blocks much larger than the
-    problem; at least one config always survives."""
-    seq_q, seq_k = named_args["seq_q"], named_args["seq_k"]
-    if len(configs) == 1:
-        return configs
-    decode = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
-    if seq_q <= 16 and decode:
-        return decode
-    kept = [c for c in configs if 16 < c.kwargs["BLOCK_M"] <= max(64, seq_q) and c.kwargs["BLOCK_N"] <= max(64, seq_k)]
-    return kept or configs[:1]
+def _shared_memory_limit() -> int:
+    """Bytes of shared memory one program may use on the current GPU (227 KiB on an H100)."""
+    import torch
+
+    device = torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
 
 
-_PRUNE = {"early_config_prune": _prune_for_seq}
+def _shared_memory_estimate(config: triton.Config, elem: int, block_d: int, resident: str, tiles: int) -> int:
+    """Bytes of the tiles a program keeps in shared memory, by the convention of Triton's own matmul pruning
+    (`(BLOCK_M + BLOCK_N) * BLOCK_K * num_stages * dtype size`): `tiles` resident tiles of the `resident`
+    block ("m": BLOCK_M query rows, "n": BLOCK_N key rows) plus two streamed tiles of the other block per
+    pipeline stage, each `block_d` wide."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    kept, streamed = (m, n) if resident == "m" else (n, m)
+    return elem * block_d * (tiles * kept + 2 * streamed * config.num_stages)
+
+
+def _prune(resident: str, tiles: int):
+    """An early_config_prune for one kernel: the forward keeps 1 Q tile and streams K, V ("m", 1); the dQ
+    kernel keeps Q, dO and streams K, V ("m", 2); the dK/dV kernel keeps K, V and streams Q, dO ("n", 2)."""
+
+    def prune(configs, named_args, **kwargs):
+        """Keep the BLOCK_M=16 (decoding) configs only for at most 16 queries, drop blocks much larger than
+        the problem, and drop configs whose tiles cannot fit in shared memory (fp32 with a 128 head dim):
+        compiling those only to fail costs seconds each. At least one config always survives."""
+        seq_q, seq_k = named_args["seq_q"], named_args["seq_k"]
+        if len(configs) == 1:
+            return configs
+        decode = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+        if seq_q <= 16 and decode:
+            return decode
+        kept = [c for c in configs
+                if 16 < c.kwargs["BLOCK_M"] <= max(64, seq_q) and c.kwargs["BLOCK_N"] <= max(64, seq_k)]
+        kept = kept or configs
+        elem = named_args["Q"].element_size()
+        block_d = kwargs.get("BLOCK_D") or max(16, triton.next_power_of_2(named_args["head_dim"]))
+        limit = kwargs.get("shared_memory_limit") or _shared_memory_limit()
+
+        def size(c):
+            return _shared_memory_estimate(c, elem, block_d, resident, tiles)
+
+        return [c for c in kept if size(c) <= limit] or [min(kept, key=size)]
+
+    return prune
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -96,8 +130,9 @@ def _autotune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _autotune(configs):
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by=_PRUNE, do_bench=_autotune_bench)
+def _autotune(configs, prune):
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune},
+                           do_bench=_autotune_bench)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,7 +203,7 @@ def _fwd_inner(
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
-@_autotune(_FWD_CONFIGS)
+@_autotune(_FWD_CONFIGS, _prune("m", 1))
 @triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
 def _flash_attn_fwd_kernel(
     Q, K, V, Out, Lse, KeyMask,
@@ -340,7 +375,7 @@ def _bwd_kv_inner(
     return dk, dv
 
 
-@_autotune(_BWD_KV_CONFIGS)
+@_autotune(_BWD_KV_CONFIGS, _prune("n", 2))
 @triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
 def _flash_attn_bwd_kv_kernel(
     Q, K, V, dOut, Lse, Delta, KeyMask, dK, dV,
@@ -474,7 +509,7 @@ def _bwd_q_inner(
     return dq
 
 
-@_autotune(_BWD_Q_CONFIGS)
+@_autotune(_BWD_Q_CONFIGS, _prune("m", 2))
 @triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
 def _flash_attn_bwd_q_kernel(
     Q, K, V, dOut, Lse, Delta, KeyMask, dQ,

@@ -198,3 +198,33 @@ def test_large_shapes_on_gpu(device, causal, head_dim):
     torch.set_rng_state(state)
     dropout_mask = flash_attention_dropout_mask(batch, heads, seq, seq, p, seed, device=device)
     _check_against_reference(q, k, v, causal=causal, attention_mask=None, dropout_mask=dropout_mask, dropout_p=p)
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 80), (torch.float32, 128), (torch.bfloat16, 128),
+                                             (torch.float16, 64)])
+def test_autotune_pruning_keeps_configs_that_fit_shared_memory(dtype, head_dim):
+    """The GPU config lists are pruned before compiling: every kept config's tiles fit an H100's 227 KiB of
+    shared memory, nothing that fits is dropped, and a 16-bit 64-wide head keeps every non-decode config."""
+    import triton
+
+    from scratchformer.kernels import flash_attention_kernels as kern
+
+    limit = 232448  # H100: max shared memory per block (opt-in), bytes
+    q = torch.empty(1, 1, 1, 1, dtype=dtype)
+    args = {"Q": q, "seq_q": 300, "seq_k": 300, "head_dim": head_dim}
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    for options, (resident, tiles) in ((kern._FWD_OPTIONS, ("m", 1)), (kern._BWD_KV_OPTIONS, ("n", 2)),
+                                       (kern._BWD_Q_OPTIONS, ("m", 2))):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in options]
+        kept = kern._prune(resident, tiles)(configs, args, BLOCK_D=block_d, shared_memory_limit=limit)
+        size = {id(c): kern._shared_memory_estimate(c, q.element_size(), block_d, resident, tiles) for c in configs}
+        candidates = [c for c in configs if c.kwargs["BLOCK_M"] > 16]
+        assert kept and all(size[id(c)] <= limit for c in kept)
+        assert [c for c in candidates if size[id(c)] <= limit] == kept
+        if dtype != torch.float32 and head_dim == 64:
+            assert kept == candidates
+    # fp32 with a 128-wide head: the largest forward tiles (128 x 128, 3 stages: 448 KiB) are dropped.
+    fwd = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in kern._FWD_OPTIONS]
+    kept = kern._prune("m", 1)(fwd, {"Q": torch.empty(1, dtype=torch.float32), "seq_q": 300, "seq_k": 300,
+                                     "head_dim": 128}, BLOCK_D=128, shared_memory_limit=limit)
+    assert all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (128, 128) for c in kept)
