@@ -20,14 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Linear
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    """`auto` picks our Triton kernel on CUDA and PyTorch's SDPA on the CPU."""
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
-    return name
+from .layers import Linear, resolve_backend  # resolve_backend lives with the fused layers that share it
 
 
 def allowed_mask(

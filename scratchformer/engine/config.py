@@ -54,7 +54,9 @@ class ModelConfig:
     num_labels: int = 2
     id2label: dict[int, str] | None = None
     initializer_range: float = 0.02
-    attention: str = "auto"  # attention backend: auto | eager | sdpa | triton
+    # Backend: auto | eager | sdpa | triton. "triton" (and "auto" on CUDA) also runs the fused LayerNorm,
+    # bias + GELU and linear cross-entropy kernels (engine/layers.py, use_fused_kernels).
+    attention: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

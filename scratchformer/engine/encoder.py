@@ -34,7 +34,8 @@ class Embeddings(nn.Module):
         self.position = Embedding(config.max_positions, config.hidden_size)
         self.token_type = Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
         # Post-LN models (BERT) normalise the embeddings; pre-LN models (GPT-2) normalise inside each block.
-        self.norm = LayerNorm(config.hidden_size, config.norm_eps) if config.norm_placement == "post" else None
+        self.norm = (LayerNorm(config.hidden_size, config.norm_eps, config.attention)
+                     if config.norm_placement == "post" else None)
         self.dropout_p = config.embedding_dropout
 
     def forward(self, input_ids, position_ids, token_type_ids=None):
@@ -68,7 +69,8 @@ class Body(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.final_norm = LayerNorm(config.hidden_size, config.norm_eps) if config.norm_placement == "pre" else None
+        self.final_norm = (LayerNorm(config.hidden_size, config.norm_eps, config.attention)
+                           if config.norm_placement == "pre" else None)
         self.pooler = Pooler(config) if with_pooler else None
         # Recompute each block's activations in the backward instead of storing them (training only).
         self.gradient_checkpointing = False

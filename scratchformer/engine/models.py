@@ -17,7 +17,7 @@ from .checkpoint import CONFIG_NAME, CheckpointError, LoadReport, load_weights, 
 from .config import ModelConfig
 from .encoder import Body, ModelOutput
 from .generation import generate as _generate
-from .layers import ACTIVATION_FUNCTIONS, LayerNorm, Linear, dropout, init_normal_
+from .layers import LayerNorm, Linear, dropout, init_normal_, linear_activation, use_fused_kernels
 
 logger = logging.getLogger("scratchformer")
 
@@ -119,6 +119,27 @@ def _cross_entropy(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
+def _lm_head(hidden, weight, bias, labels, backend):
+    """A language-model head: logits `hidden W^T (+ bias)` and their loss against labels.
+
+    hidden `[batch, seq, dim]`, weight `[vocab, dim]`, bias `[vocab]` or None, labels `[batch, seq]` aligned
+    with hidden (-100 = ignored) or None. Returns (logits `[batch, seq, vocab]` or None, loss or None).
+
+    Training on the `triton` path (labels given and grad mode on) uses the fused linear cross-entropy, which
+    never materialises the `[tokens, vocab]` logits, and so returns no logits. Evaluation (torch.no_grad)
+    needs them for accuracy and computes both as the plain path does. Either way the loss is the fp32 mean
+    over the non-ignored tokens.
+    """
+    if labels is not None and torch.is_grad_enabled() and use_fused_kernels(backend, hidden):
+        from scratchformer.kernels import linear_cross_entropy
+
+        loss = linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", bias=bias,
+                                    loss_dtype=torch.float32)
+        return None, loss
+    logits = F.linear(hidden, weight, bias)
+    return logits, (_cross_entropy(logits, labels) if labels is not None else None)
+
+
 class Encoder(PreTrainedModel):
     """The bare body. Output: `last_hidden_state` `[batch, seq, hidden]` (and BERT's `pooler_output`)."""
 
@@ -145,8 +166,7 @@ class MaskedLM(PreTrainedModel):
             raise ValueError(f"MaskedLM needs an encoder (model_type 'bert'), got {config.model_type!r}")
         self.body = Body(config)
         self.mlm_transform = Linear(config.hidden_size, config.hidden_size)
-        self.mlm_act = ACTIVATION_FUNCTIONS[config.activation]
-        self.mlm_norm = LayerNorm(config.hidden_size, config.norm_eps)
+        self.mlm_norm = LayerNorm(config.hidden_size, config.norm_eps, config.attention)
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -155,10 +175,15 @@ class MaskedLM(PreTrainedModel):
         return self.lm_head.weight if hasattr(self, "lm_head") else self.body.embeddings.word.weight
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, position_ids=None):
+        """input_ids, attention_mask, token_type_ids, labels: `[batch, seq]` (labels: -100 = not predicted).
+
+        Returns logits `[batch, seq, vocab]` and, with labels, the mean loss over the predicted tokens.
+        On the `triton` path with labels and grad mode on (training), `logits` is None: the fused loss never
+        builds them. Under torch.no_grad (evaluation) the logits are always returned.
+        """
         hidden, _, _ = self.body(input_ids, attention_mask, token_type_ids, position_ids)
-        h = self.mlm_norm(self.mlm_act(self.mlm_transform(hidden)))
-        logits = F.linear(h, self.decoder_weight(), self.mlm_bias)
-        loss = _cross_entropy(logits, labels) if labels is not None else None
+        h = self.mlm_norm(linear_activation(hidden, self.mlm_transform, self.config.activation, self.config.attention))
+        logits, loss = _lm_head(h, self.decoder_weight(), self.mlm_bias, labels, self.config.attention)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden)
 
 
@@ -188,11 +213,16 @@ class CausalLM(PreTrainedModel):
         past_key_values=None,
         use_cache=False,
     ):
+        """input_ids, attention_mask, labels: `[batch, seq]`; labels are the input ids (-100 = not predicted).
+
+        Returns logits `[batch, seq, vocab]`, with labels the mean next-token loss, and with use_cache the
+        (k, v) cache. On the `triton` path with labels and grad mode on (training), `logits` is None: the
+        fused loss never builds them. Under torch.no_grad (evaluation, generation) logits are always returned.
+        """
         hidden, _, cache = self.body(input_ids, attention_mask, token_type_ids, position_ids, past_key_values)
-        logits = F.linear(hidden, self.lm_weight())
-        loss = None
-        if labels is not None:  # token t predicts token t + 1: shift the labels, not the (large) logits
-            loss = _cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
+        # Token t predicts token t + 1: shift the labels, not the (large) logits; the last token predicts nothing.
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100) if labels is not None else None
+        logits, loss = _lm_head(hidden, self.lm_weight(), None, shifted, self.config.attention)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=hidden, past_key_values=cache if use_cache else None)
 
     generate = _generate

@@ -212,6 +212,7 @@ def linear_cross_entropy(
     bias: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the logits `hidden @ weight.T (+ bias)` against `labels`, never materialising them.
 
@@ -224,9 +225,11 @@ def linear_cross_entropy(
             labels, 0 at ignored tokens), as F.cross_entropy.
         bias: [vocab] or None (BERT's cls.predictions.bias).
         chunk_size: tokens per chunk; default `default_chunk_size(tokens, vocab)` (<= 2**26 logits).
+        loss_dtype: the dtype of the returned loss; default None: float32 under torch.autocast, else the
+            inputs' dtype (both as F.cross_entropy on the logits would give). float32 keeps the fp32 loss of
+            a half-precision model unrounded (as F.cross_entropy(logits.float(), ...) would).
     Returns:
-        The loss: a scalar, or per-token for "none". Its dtype is float32 under torch.autocast, else the
-        inputs' dtype (both as F.cross_entropy on the logits would give).
+        The loss: a scalar, or per-token for "none", in `loss_dtype`.
     Under torch.autocast the matmuls run in the autocast dtype and the softmax in fp32. Gradients reach
     hidden, weight and bias (those that require them); see the module docstring for when they are computed.
     """
@@ -234,7 +237,7 @@ def linear_cross_entropy(
     autocast = torch.is_autocast_enabled(device_type)
     _check(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, autocast)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
-    out_dtype = torch.float32 if autocast else hidden.dtype
+    out_dtype = loss_dtype if loss_dtype is not None else (torch.float32 if autocast else hidden.dtype)
     h2d = hidden.reshape(-1, hidden.shape[-1])
     labels_flat = labels.reshape(-1)
     tokens, vocab = h2d.shape[0], weight.shape[0]

@@ -89,6 +89,15 @@ def test_half_precision(device, dtype, reduction):
     assert ours["loss"].dtype == dtype and ours["dhidden"].dtype == dtype and ours["dweight"].dtype == dtype
 
 
+def test_loss_dtype_keeps_the_fp32_loss_of_a_half_model(device):
+    hidden, weight, _, labels = make_inputs((9,), 24, 37, torch.bfloat16, device)
+    loss = linear_cross_entropy(hidden, weight, labels, loss_dtype=torch.float32)
+    want = F.cross_entropy((hidden.float() @ weight.float().T).to(torch.bfloat16).float(), labels)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, want) <= 1e-5
+    assert linear_cross_entropy(hidden, weight, labels).dtype == torch.bfloat16  # the default is unchanged
+
+
 def test_3d_hidden_and_none_shape(device):
     inputs = make_inputs((3, 7), 24, 200, torch.float32, device)
     ours, ref = run_both(*inputs, "none", chunk_size=5)
