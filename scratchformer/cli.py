@@ -26,7 +26,7 @@ BENCHMARKS = {
     "layernorm": "fused LayerNorm vs PyTorch",
     "cross_entropy": "fused cross-entropy vs PyTorch",
     "engine": "our engine vs transformers, forward and training step",
-    "train": "training steps per second, our loop vs a plain PyTorch loop",
+    "train_step": "training step tokens/s and peak memory, ours vs transformers (+ peft) with torch AdamW",
     "tokenize_corpus": "corpus preparation vs a per-document transformers loop",
 }
 
@@ -385,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="folder for the result tables and plots (default: the scripts')")
     bench.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     bench.set_defaults(run=cmd_bench)
+
+    from scratchformer.cli_train import add_train_commands  # pretrain, finetune
+
+    add_train_commands(sub, fmt, _example)
     return parser
 
 

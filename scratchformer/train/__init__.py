@@ -1,7 +1,7 @@
 """scratchformer.train: our optimizer, schedules and training loops (pretraining and fine-tuning).
 
     from scratchformer.train import TrainConfig, pretrain, finetune
-    pretrain("causal-lm", "corpus.txt", "gpt2-tiny", TrainConfig(out_dir="runs/lm", max_steps=200))
+    pretrain("causal", "tokens/", "gpt2-tiny", TrainConfig(out="runs/lm", max_steps=200))  # a prepare_corpus folder
 """
 
 from scratchformer.train.clip import clip_grad_norm_

@@ -76,9 +76,13 @@ def load_model(cls, spec: str, tokenizer: Tokenizer | None = None, **overrides):
 
 
 def find_tokenizer(*candidates) -> Tokenizer:
+    """The first candidate folder holding tokenizer files; a prepared token folder keeps its in `tokenizer/`."""
     for c in candidates:
-        if c is not None and Path(c).is_dir() and any((Path(c) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
-            return Tokenizer.from_pretrained(c)
+        if c is None:
+            continue
+        for folder in (Path(c), Path(c) / "tokenizer"):
+            if folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+                return Tokenizer.from_pretrained(folder)
     raise ValueError(f"no tokenizer found in {[str(c) for c in candidates if c is not None]}; pass --tokenizer DIR")
 
 

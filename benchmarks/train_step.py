@@ -1,0 +1,333 @@
+"""Benchmark: one training step, ours against `transformers` (+ `peft`) with torch.optim.AdamW, side by side.
+
+Cases (the same model and batch in both libraries; ours is loaded from the checkpoint HF wrote):
+    gpt2 causal   GPT-2 small (12 layers, d=768, 50257 tokens), causal-LM pretraining, every weight trained
+    bert LoRA     BERT-base sequence classification (2 labels), LoRA r=8 on query,value + the classifier
+A step is what a training loop does per optimizer update: forward (bf16 autocast on CUDA, fp32 on a CPU),
+backward, global-norm clipping to 1.0, AdamW (weight decay off for biases / LayerNorms), the LR scheduler,
+zero_grad. Ours is the Trainer's own step (scratchformer.train.Trainer: our model, our fused AdamW, our
+clipping); theirs is the usual PyTorch loop around the transformers model (peft's get_peft_model for LoRA).
+
+Reported: tokens/s from the median of several timed steps after warm-up (the two alternate step by step, so
+drift on the machine hits both equally), peak memory of a step (CUDA: max_memory_allocated; CPU: peak
+resident set minus the resident set before the model was loaded), each measured in a fresh process holding
+one model, so it counts weights, gradients, optimizer state and activations; on CUDA also MFU (PaLM's
+6N + 12LHS FLOPs per token over the GPU's bf16 peak; for LoRA the frozen weights need no weight gradients,
+so the same convention overstates the work: compare the two columns, not against 100%).
+
+With --quick, and always on a CPU, the models shrink (2 layers, d=256, 8192 tokens) so the whole run takes
+about a minute on a 2-core CPU. Writes benchmarks/results/train_step_<device>.md.
+
+    PYTHONPATH=. python benchmarks/train_step.py [--quick] [--device cpu|cuda] [--steps 7] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real paths: Triton on CUDA, torch's fused kernels on a CPU
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HERE = Path(__file__).resolve()
+LORA = dict(r=8, alpha=16, targets=["query", "value"])
+
+
+def cases(full: bool) -> list[dict]:
+    """Model shapes and batches: the real GPT-2 small / BERT-base on a GPU, small stand-ins otherwise."""
+    if full:
+        return [
+            dict(name="gpt2 causal", kind="gpt2", layers=12, hidden=768, heads=12, vocab=50257, batch=8, seq=1024),
+            dict(name="bert LoRA", kind="bert", layers=12, hidden=768, heads=12, vocab=30522, batch=32, seq=128),
+        ]
+    return [
+        dict(name="gpt2 causal", kind="gpt2", layers=2, hidden=256, heads=4, vocab=8192, batch=4, seq=128),
+        dict(name="bert LoRA", kind="bert", layers=2, hidden=256, heads=4, vocab=8192, batch=8, seq=128),
+    ]
+
+
+def write_checkpoint(case: dict, folder: str) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    if case["kind"] == "gpt2":
+        config = transformers.GPT2Config(vocab_size=case["vocab"], n_embd=case["hidden"], n_layer=case["layers"],
+                                         n_head=case["heads"], n_positions=max(case["seq"], 256))
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.BertConfig(vocab_size=case["vocab"], hidden_size=case["hidden"],
+                                         num_hidden_layers=case["layers"], num_attention_heads=case["heads"],
+                                         intermediate_size=4 * case["hidden"], num_labels=2)
+        model = transformers.BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+
+
+def make_batch(case: dict, device: str) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, case["vocab"], (case["batch"], case["seq"]), generator=g)
+    labels = ids.clone() if case["kind"] == "gpt2" else torch.randint(0, 2, (case["batch"],), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _autocast(device: str, precision: str):
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
+def ours_step(case: dict, folder: str, device: str, precision: str, workdir: str):
+    """(model, step function): the Trainer's step on our model, our AdamW and our clipping."""
+    from scratchformer.engine.lora import apply_lora
+    from scratchformer.engine.models import CausalLM, SequenceClassifier
+    from scratchformer.train import TrainConfig, Trainer
+
+    cls = CausalLM if case["kind"] == "gpt2" else SequenceClassifier
+    model = cls.from_pretrained(folder, device=device)
+    if case["kind"] == "bert":
+        apply_lora(model, r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["targets"],
+                   modules_to_save=["classifier"])
+    config = TrainConfig(out=workdir, max_steps=10**6, batch_size=case["batch"], lr=1e-4, precision=precision,
+                         device=device, progress=False)
+    batch = make_batch(case, device)
+    trainer = Trainer(model, config, train_data=[batch])
+    trainer._setup()
+
+    def step():
+        with trainer._autocast():
+            loss = trainer.forward_model(**batch).loss
+        loss.backward()
+        trainer._optimizer_step()
+
+    return model, step
+
+
+def hf_step(case: dict, folder: str, device: str, precision: str):
+    """(model, step function): the plain PyTorch loop around transformers (+ peft) and torch.optim.AdamW."""
+    import transformers
+
+    from scratchformer.train.trainer import parameter_groups
+
+    if case["kind"] == "gpt2":
+        model = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    else:
+        import peft
+
+        model = transformers.BertForSequenceClassification.from_pretrained(folder)
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=LORA["r"],
+                                                           lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                           target_modules=LORA["targets"]))
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batch = make_batch(case, device)
+
+    def step():
+        with _autocast(device, precision):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Set the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(spec: dict) -> None:
+    """One provider alone in this process: load, warm up, run a few steps; print the peak memory as JSON."""
+    case, device = spec["case"], spec["device"]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        import transformers  # noqa: F401 (imported before the baseline so its import does not count)
+
+        if spec["provider"] == "ours":
+            import scratchformer.train  # noqa: F401
+        make_batch(case, device)
+        before = _rss()
+        _reset_peak_rss()
+    with tempfile.TemporaryDirectory() as work:
+        if spec["provider"] == "ours":
+            _, step = ours_step(case, spec["folder"], device, spec["precision"], work)
+        else:
+            _, step = hf_step(case, spec["folder"], device, spec["precision"])
+        for _ in range(3):
+            step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - before if device == "cuda" else _peak_rss() - before
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def peak_memory(spec: dict) -> float | None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parents[1]), os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, str(HERE), "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        print(f"  memory run failed ({spec['provider']}): {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
+
+
+def bench(case: dict, device: str, precision: str, steps: int, warmup: int) -> dict:
+    from scratchformer.train.trainer import model_flops_utilisation
+
+    tokens = case["batch"] * case["seq"]
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as work:
+        write_checkpoint(case, folder)
+        ours, step_ours = ours_step(case, folder, device, precision, work)
+        _, step_hf = hf_step(case, folder, device, precision)
+        for _ in range(warmup):
+            step_ours()
+            step_hf()
+        times = {"ours": [], "hf": []}
+        for _ in range(steps):  # alternate, one step each, so both see the same machine state
+            for name, fn in (("ours", step_ours), ("hf", step_hf)):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+        del step_ours, step_hf
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        mem = {p: peak_memory(dict(case=case, folder=folder, device=device, precision=precision, provider=p))
+               for p in ("ours", "hf")}
+    row = {"case": case, "tokens": tokens}
+    for p in ("ours", "hf"):
+        median = statistics.median(times[p])
+        row[p] = {"ms": median * 1e3, "tok_s": tokens / median, "mem_mb": mem[p]}
+        if device == "cuda":
+            row[p]["mfu"] = model_flops_utilisation(ours, tokens / median, case["seq"])
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    row["params"] = sum(p.numel() for p in ours.parameters())
+    row["trainable"] = trainable
+    return row
+
+
+def device_tag(device: str) -> str:
+    if device != "cuda":
+        return "CPU"
+    match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", torch.cuda.get_device_name())
+    return match.group(1) if match else re.sub(r"\W+", "_", torch.cuda.get_device_name())
+
+
+def _fmt_mem(mb):
+    return "n/a" if mb is None else f"{mb:.0f}"
+
+
+def table(rows: list[dict], device: str) -> str:
+    mfu = device == "cuda"
+    head = ("| case | params (trainable) | batch x seq | ours ms | HF ms | ours tok/s | HF tok/s | ours / HF tok/s "
+            "| ours peak MiB | HF peak MiB | ours / HF memory |" + (" ours MFU | HF MFU |" if mfu else ""))
+    lines = [head, "|" + "---|" + "---:|" * (head.count("|") - 2)]
+    for r in rows:
+        c, o, h = r["case"], r["ours"], r["hf"]
+        mem_ratio = "n/a" if not (o["mem_mb"] and h["mem_mb"]) else f"{o['mem_mb'] / h['mem_mb']:.2f}"
+        line = (f"| {c['name']} ({c['layers']}L, d={c['hidden']}, vocab {c['vocab']}) | {r['params'] / 1e6:.1f}M "
+                f"({r['trainable'] / 1e6:.2f}M) | {c['batch']} x {c['seq']} | {o['ms']:.1f} | {h['ms']:.1f} | "
+                f"{o['tok_s']:.0f} | {h['tok_s']:.0f} | {o['tok_s'] / h['tok_s']:.2f} | {_fmt_mem(o['mem_mb'])} | "
+                f"{_fmt_mem(h['mem_mb'])} | {mem_ratio} |")
+        if mfu:
+            line += " " + " | ".join("n/a" if x.get("mfu") is None else f"{100 * x['mfu']:.1f}%" for x in (o, h)) + " |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="the small models even on a GPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 7, CPU: 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                        help="default: bf16 autocast on CUDA, fp32 on a CPU")
+    parser.add_argument("--out", default=str(HERE.parent / "results"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    full = args.device == "cuda" and not args.quick
+    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    steps = args.steps or (7 if args.device == "cuda" else 5)
+    rows = []
+    for case in cases(full):
+        print(f"{case['name']}: {case['layers']} layers, d={case['hidden']}, batch {case['batch']} x {case['seq']}",
+              flush=True)
+        rows.append(bench(case, args.device, precision, steps, args.warmup))
+
+    import peft
+    import transformers
+    import triton
+
+    tag = device_tag(args.device) + ("_quick" if args.device == "cuda" and not full else "")
+    name = (torch.cuda.get_device_name() if args.device == "cuda"
+            else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    header = (f"# Training step, ours vs transformers ({tag})\n\n"
+              f"Device: {name}. Date: {datetime.date.today()}. torch {torch.__version__}, triton {triton.__version__}, "
+              f"transformers {transformers.__version__}, peft {peft.__version__}. Precision: {precision}"
+              f"{' autocast' if precision != 'fp32' else ''}; medians of {steps} alternating timed steps after "
+              f"{args.warmup} warm-up steps. Ours: the Trainer's step (our model, fused AdamW, clipping); HF: the "
+              f"model (+ peft LoRA) with torch.optim.AdamW (default options), torch clip_grad_norm_. Peak memory: "
+              f"{'max_memory_allocated' if args.device == 'cuda' else 'peak RSS minus RSS before loading'} in a "
+              f"process holding one model.\n\n")
+    text = header + table(rows, args.device)
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"train_step_{tag}.md").write_text(text)
+    print(f"wrote {out / f'train_step_{tag}.md'}")
+
+
+if __name__ == "__main__":
+    main()

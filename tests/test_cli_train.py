@@ -1,0 +1,239 @@
+"""`scratchformer pretrain` / `scratchformer finetune`: --help, tiny real runs (a token folder made by
+prepare_corpus, a jsonl classification set), --config with a flag on top, --resume, and every kind of bad input
+giving exit status 2, one line on stderr and an untouched run folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchformer.cli import main
+from scratchformer.engine.models import CausalLM
+from scratchformer.tokenize import prepare_corpus, train_tokenizer
+
+WORDS = ("alpha beta gamma delta river stone light dark quick slow cat dog bird tree house road "
+         "red green blue small large old new").split()
+
+
+def _sentences(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=g).tolist()) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    """A prepared token folder (train + val) with its byte-level BPE tokenizer inside."""
+    root = tmp_path_factory.mktemp("tokens")
+    docs = _sentences(120)
+    (root / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    tok = train_tokenizer(docs, kind="bpe", vocab_size=300, min_frequency=1)
+    prepare_corpus([root / "corpus.txt"], tok, root / "tokens", val_fraction=0.2, show_progress=False)
+    return root / "tokens"
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    """(train.jsonl, dev.jsonl, a WordPiece tokenizer folder) for a two-label classification task."""
+    root = tmp_path_factory.mktemp("cls")
+    pos, neg = "good great fine happy bright".split(), "bad awful poor sad grim".split()
+    rows = [{"text": f"the {w} {x} day", "label": "pos" if i % 2 == 0 else "neg"}
+            for i, (w, x) in enumerate(zip((pos + neg) * 4, (pos[::-1] + neg[::-1]) * 4))]
+    rows = [{"text": r["text"], "label": "pos" if r["text"].split()[1] in pos else "neg"} for r in rows]
+    for name, part in (("train.jsonl", rows[:32]), ("dev.jsonl", rows[32:])):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    tok = train_tokenizer([r["text"] for r in rows] * 3, kind="wordpiece", vocab_size=80, min_frequency=1)
+    tok.save_pretrained(root / "tok")
+    return root / "train.jsonl", root / "dev.jsonl", root / "tok"
+
+
+FAST = ["--batch-size", "4", "--lr", "1e-3", "--device", "cpu"]
+
+
+def run(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def pretrain_args(tokens, out, *extra):
+    return ["pretrain", "causal", "--data", tokens, "--model", "gpt2-tiny", "--block-size", "16", "--out", out,
+            *FAST, *extra]
+
+
+def finetune_args(cls_data, out, *extra):
+    train, dev, tok = cls_data
+    return ["finetune", "classify", "--model", "bert-tiny", "--tokenizer", tok, "--train", train, "--eval", dev,
+            "--max-length", "16", "--out", out, *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def classifier(cls_data, tmp_path_factory):
+    """A LoRA classification run (labels neg/pos): (run folder, its exit status)."""
+    out = tmp_path_factory.mktemp("clsrun") / "run"
+    code = main([str(a) for a in finetune_args(cls_data, out, "--max-steps", "3", "--lora-r", "4",
+                                              "--lora-targets", "query,value")])
+    return out, code
+
+
+# ---- --help ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_help_has_an_example(command, capsys):
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0
+    assert "example:" in out and f"scratchformer {command} " in out.split("example:")[1]
+    for flag in ("--out", "--max-steps", "--resume", "--config", "--precision", "--grad-accum"):
+        assert flag in out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "pretrain" in out and "finetune" in out
+
+
+# ---- real runs ---------------------------------------------------------------------------------------------
+
+
+def test_pretrain_causal_end_to_end(tokens, tmp_path, capsys):
+    out = tmp_path / "gpt"
+    code, stdout, err = run(pretrain_args(tokens, out, "--max-steps", "3"), capsys)
+    assert code == 0, err
+    assert f"wrote {out / 'final'}" in stdout and "step      3" in stdout
+    model = CausalLM.from_pretrained(out / "final")
+    assert model.config.vocab_size == 300 and model.config.num_layers == 2
+    assert (out / "final" / "tokenizer.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [3]
+    assert any("eval_loss" in r for r in records)  # the token folder's val split is evaluated at the end
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["task"] == "causal" and run_info["train_config"]["max_steps"] == 3
+
+
+def test_finetune_classify_lora_end_to_end(classifier):
+    out, code = classifier
+    assert code == 0
+    final = out / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["query", "value"]
+    config = json.loads((final / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["neg", "pos"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in records)
+
+
+def test_config_file_with_a_flag_on_top(tokens, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'task = "causal"\ndata = "{tokens}"\nmodel = "gpt2-tiny"\nblock_size = 16\nmax_steps = 50\n'
+                   f'lr = 2e-3\nbatch_size = 2\nlog_every = 1\ndecay = "linear"\nout = "{tmp_path / "ignored"}"\n')
+    out = tmp_path / "run"
+    code, _, err = run(["pretrain", "--config", cfg, "--max-steps", "2", "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    train_config = json.loads((out / "run.json").read_text())["train_config"]
+    assert train_config["max_steps"] == 2  # the flag wins
+    assert train_config["lr"] == 2e-3 and train_config["decay"] == "linear" and train_config["batch_size"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # log_every from the file
+    assert not (tmp_path / "ignored").exists()
+
+
+def test_resume_continues(tokens, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(pretrain_args(tokens, out, "--max-steps", "2", "--save-every", "1"), capsys)
+    assert code == 0, err
+    code, stdout, err = run(pretrain_args(tokens, out, "--max-steps", "4", "--save-every", "1", "--resume"), capsys)
+    assert code == 0, err
+    assert "resumed from checkpoint-000002 at step 2" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resumed" and r["step"] == 2 for r in records)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]  # log_every 10: the last step of each run
+    assert (out / "checkpoint-000004").is_dir() and (out / "final" / "model.safetensors").is_file()
+
+
+# ---- bad input: exit 2, one line, nothing written -----------------------------------------------------------
+
+
+def _listing(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def _assert_refused(argv, capsys, root: Path, match: str):
+    before = _listing(root)
+    code, out, err = run(argv, capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    assert _listing(root) == before  # no run folder, no file, nothing touched
+
+
+def test_bad_flag_values(tokens, cls_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _assert_refused(pretrain_args(tokens, out, "--lr", "-1"), capsys, tmp_path, "--lr: lr must be > 0")
+    _assert_refused(pretrain_args(tokens, out, "--max-steps", "0"), capsys, tmp_path, "--max-steps: max_steps")
+    _assert_refused(pretrain_args(tokens, out, "--block-size", "1"), capsys, tmp_path, "--block-size")
+    _assert_refused(finetune_args(cls_data, out, "--lora-r", "0"), capsys, tmp_path, "--lora-r")
+    _assert_refused(pretrain_args(tokens, out, "--precision", "fp8"), capsys, tmp_path, "--precision")
+    _assert_refused(pretrain_args(tokens, out, "--device", "tpu"), capsys, tmp_path, "--device")
+    _assert_refused(["pretrain", "bogus", "--data", tokens, "--model", "gpt2-tiny", "--out", out], capsys, tmp_path,
+                    "TASK 'bogus'")
+
+
+def test_wrong_kind_of_data(tokens, cls_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    text = tmp_path / "corpus.txt"
+    text.write_text("plain text, not tokens\n")
+    _assert_refused(["pretrain", "causal", "--data", text, "--model", "gpt2-tiny", "--out", out], capsys, tmp_path,
+                    "not a prepared token folder")
+    train, dev, tok = cls_data
+    _assert_refused(["finetune", "classify", "--model", "bert-tiny", "--tokenizer", tok, "--train", text, "--out", out],
+                    capsys, tmp_path, "--train")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"words": ["no", "text", "field"]}\n')
+    _assert_refused(["finetune", "classify", "--model", "bert-tiny", "--tokenizer", tok, "--train", bad, "--out", out],
+                    capsys, tmp_path, "no field 'text'")
+
+
+def test_model_folder_that_is_not_one(tokens, tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    _assert_refused(["pretrain", "causal", "--data", tokens, "--model", empty, "--out", tmp_path / "run"], capsys,
+                    tmp_path, "not a model folder")
+    _assert_refused(["pretrain", "causal", "--data", tokens, "--model", "gpt5", "--out", tmp_path / "run"], capsys,
+                    tmp_path, "not a preset")
+
+
+def test_label_set_that_does_not_match_the_head(classifier, tmp_path, capsys):
+    trained, code = classifier
+    assert code == 0
+    other = tmp_path / "three.jsonl"
+    other.write_text("".join(json.dumps({"text": f"text {i}", "label": lab}) + "\n"
+                             for i, lab in enumerate(["x", "y", "z"] * 3)))
+    _assert_refused(["finetune", "classify", "--model", trained / "final", "--train", other, "--out", tmp_path / "run",
+                     "--device", "cpu"], capsys, tmp_path, "does not match the checkpoint's head")
+
+
+def test_resume_without_a_checkpoint(tokens, tmp_path, capsys):
+    _assert_refused(pretrain_args(tokens, tmp_path / "run", "--resume"), capsys, tmp_path, "no checkpoint")
+    (tmp_path / "empty_run").mkdir()
+    _assert_refused(pretrain_args(tokens, tmp_path / "empty_run", "--resume"), capsys, tmp_path, "no checkpoint")
+
+
+def test_existing_run_and_bad_config_file(tokens, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    _assert_refused(pretrain_args(tokens, out), capsys, tmp_path, "already holds a run")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("learning_rate = 0.1\n")
+    _assert_refused(pretrain_args(tokens, tmp_path / "new", "--config", cfg), capsys, tmp_path,
+                    "unknown setting(s) ['learning_rate']")
+    cfg.write_text("lr = [\n")
+    _assert_refused(pretrain_args(tokens, tmp_path / "new", "--config", cfg), capsys, tmp_path, "--config")
+    _assert_refused(pretrain_args(tokens, tmp_path / "new", "--config", tmp_path / "run.yaml"), capsys, tmp_path,
+                    "--config")
