@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .auto import auto_model_class, read_config
 from .checkpoint import CheckpointError, weight_files
-from .lora import ADAPTER_WEIGHTS, load_adapter, merge_lora, read_adapter_config
+from .lora import ADAPTER_WEIGHTS, _modules_to_save, load_adapter, merge_lora, read_adapter_config
 from .models import SequenceClassifier, TokenClassifier, _dtype
 
 # Files that travel with a checkpoint: tokenizers, and sentence-transformers' pooling set-up.
@@ -92,9 +92,11 @@ def merge_adapter(model_path, adapter_path, out, *, force: bool = False, dtype=N
     target_dtype = _dtype(dtype) if dtype is not None else _stored_dtype(model_path)
     model = cls.from_pretrained(model_path, dtype=torch.float32, **overrides)
     new_head = list(model.load_report.new)
-    load_adapter(model, adapter_path, backend="torch")
     saved = set(adapter.modules_to_save or [])
-    new_head = [n for n in new_head if not any(n == s or n.startswith(s + ".") or n.split(".")[0] == s for s in saved)]
+    covered = _modules_to_save(model, saved)  # our module paths of the saved HF names (e.g. pooler.dense)
+    load_adapter(model, adapter_path, backend="torch")
+    new_head = [n for n in new_head if not any(n == s or n.startswith(s + ".") or n.split(".")[0] == s for s in saved)
+                and not any(n.startswith(c + ".") for c in covered)]
     merged = merge_lora(model)
     n_modules = sum(1 for m in merged.modules() if getattr(m, "merged", False))
     merged = merged.to(target_dtype)  # the adapted modules stay LoRALinear, merged: they save as plain weights

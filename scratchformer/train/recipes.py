@@ -78,6 +78,10 @@ def finetune(task: str, model: str, train_file, config: TrainConfig, eval_file=N
     net = load_model(FINETUNE_TASKS[task], model, tok, **overrides)
     if lora is not None:
         heads = ["classifier", "score"] if task in ("classify", "ner") else None
+        if heads and any(n.startswith("body.pooler.") for n in getattr(getattr(net, "load_report", None), "new", [])):
+            # A checkpoint without a pooler (a masked-LM one, e.g. from `pretrain mlm`) gets a fresh random one:
+            # train it with the head and keep it in the adapter, or a merge onto the base would draw another.
+            heads.append("pooler.dense")
         apply_lora(net, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.targets,
                    modules_to_save=heads)
     eval_fn = {"classify": classification_eval, "ner": ner_eval(data.label_names or []), "sft": evaluate_lm}[task]

@@ -219,7 +219,9 @@ def check_label_set(model_dir: Path, label_names: list[str]) -> None:
     has_head = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures)
     if not has_head:
         return
-    theirs = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    # No id2label in the file: HF's generic names for num_labels (default 2), as transformers reads it.
+    theirs = ([config.id2label[i] for i in sorted(config.id2label)] if config.id2label
+              else [f"LABEL_{i}" for i in range(config.num_labels)])
     generic = all(name.startswith("LABEL_") for name in theirs)
     if (generic and len(theirs) != len(label_names)) or (not generic and theirs != list(label_names)):
         raise ConfigError(f"{model_dir}: the label set {list(label_names)} does not match the checkpoint's head "
