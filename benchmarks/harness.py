@@ -46,6 +46,7 @@ Rates: work / median time, in the unit of `metric` (TFLOP/s = 1e12 FLOP per seco
 
 import datetime
 import math
+import os
 import platform
 import re
 import sys
@@ -148,6 +149,11 @@ def peak_memory_mib(fn):
     return peak
 
 
+def fmt_rate(value):
+    """1234 -> '1234', 12.34 -> '12.3', 0.01234 -> '0.0123': three significant digits below 100."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 # ---- the benchmark ----------------------------------------------------------------------------------------
 
 
@@ -246,7 +252,7 @@ class Benchmark:
             return f"{case:40s} {r.provider:12s} - ({r.error})"
         text = f"{case:40s} {r.provider:12s} {r.median:9.3f} ms [{r.p20:.3f}, {r.p80:.3f}]"
         if r.rate is not None:
-            text += f" {r.rate:9.1f} {self.metric}"
+            text += f" {fmt_rate(r.rate):>9s} {self.metric}"
         if r.peak is not None:
             text += f" {r.peak:8.0f} MiB"
         return text
@@ -268,7 +274,7 @@ class Benchmark:
             else:
                 row.append(f"{r.median:.3f} [{r.p20:.3f}, {r.p80:.3f}]")
                 if self.metric:
-                    row.append("-" if r.rate is None else f"{r.rate:.1f}")
+                    row.append("-" if r.rate is None else fmt_rate(r.rate))
                 if self.memory:
                     row.append("n/a" if r.peak is None else f"{r.peak:.0f}")
                 if self.baseline:
@@ -292,7 +298,7 @@ class Benchmark:
         lines = [
             f"# {self.title}: {info['tag']}",
             "",
-            f"- device: {info['name']}" + ("" if info["cuda"] else ", Triton interpreter"),
+            f"- device: {info['name']}" + (", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else ""),
             f"- date: {info['date']}",
             f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}",
             f"- times: medians in ms of {self._timer_text()}, [20th, 80th] percentiles",
@@ -319,8 +325,6 @@ class Benchmark:
 
     def write(self, results, out_dir, summary=(), info=None, plot=True):
         """Write <name>_<tag>.md (and .png when matplotlib is installed) under out_dir; returns the paths."""
-        import os
-
         info = info or device_info()
         os.makedirs(out_dir, exist_ok=True)
         md_path = os.path.join(out_dir, f"{self.name}_{info['tag']}.md")
