@@ -372,9 +372,11 @@ class Benchmark:
                     ax.set_xscale("log", base=2)
                 ax.set_xlabel(x_key)
                 ax.set_ylabel("peak MiB" if row == 1 else (self.metric if use_rate else "median ms"))
-                ax.set_title(f"{self.title} {label} ({info['tag']})".replace("  ", " "), fontsize=9)
+                ax.set_title(f"{label or self.title} ({info['tag']})", fontsize=9)
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=7)
+        if self.panels:
+            fig.suptitle(self.title)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
