@@ -17,13 +17,7 @@ Goal (issue 9, on an H100): LayerNorm fwd+bwd at least PyTorch's speed at hidden
 """
 
 import argparse
-import datetime
 import os
-import platform
-import re
-import statistics
-import sys
-import time
 
 import torch
 
@@ -31,26 +25,12 @@ if not torch.cuda.is_available():  # the kernels run under Triton's interpreter;
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
+from benchmarks.harness import Benchmark, measure_time  # noqa: E402
 from scratchformer.kernels import bias_gelu, layer_norm  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 HBM_SPEC_GBS = 3350.0  # H100 SXM HBM3, published
-
-
-def time_ms(fn):
-    """(median, p20, p80) in ms: do_bench on the GPU, three wall-clock runs on the CPU."""
-    fn()
-    if ON_GPU:
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[0], times[-1]
 
 
 def copy_bandwidth(device):
@@ -58,7 +38,7 @@ def copy_bandwidth(device):
     n = (1 << 30) if ON_GPU else (1 << 18)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    med, _, _ = time_ms(lambda: dst.copy_(src))
+    med, _, _ = measure_time(lambda: dst.copy_(src), warmup=1, repeats=3, gpu_timer="do_bench")
     del src, dst
     return 2 * n / med / 1e6
 
@@ -101,12 +81,41 @@ def check_agreement(op, x, w, b):
         raise RuntimeError(f"{op}: ours and torch disagree (relative error {err:.2e})")
 
 
-def device_tag():
-    if not ON_GPU:
-        return "CPU"
-    name = torch.cuda.get_device_name()
-    match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name)
-    return match.group(1) if match else re.sub(r"\W+", "_", name)
+def build_benchmark(device, dtype, copy_gbs, compiled):
+    """The harness benchmark: cases {op, M, N, mode}; providers torch, ours (and compiled)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    def setup(case):
+        shape = (case["M"], case["N"])
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(case["N"], device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(case["N"], device=device, dtype=dtype, requires_grad=True)
+        check_agreement(case["op"], x, w, b)
+        return {"x": x, "w": w, "b": b}
+
+    bench = Benchmark(
+        "layernorm", title="LayerNorm and bias+GELU benchmark", metric="GB/s",
+        work=lambda c: (2 if c["mode"] == "fwd" else 5) * c["M"] * c["N"] * elt,
+        ceiling=copy_gbs, ceiling_label="measured copy", baseline="torch", setup=setup,
+        warmup=1, repeats=3, gpu_timer="do_bench", x="N", panels=("op", "mode"),
+        notes=[f"dtype {str(dtype).replace('torch.', '')}",
+               "GB/s = minimum traffic / time: fwd 2·M·N elements, fwd+bwd 5·M·N (x, y; x, dy, dx)",
+               f"ceilings: measured copy bandwidth {copy_gbs:.0f} GB/s; H100 SXM HBM3 spec {HBM_SPEC_GBS:.0f} GB/s",
+               "torch = torch.nn.functional eager" + ("; compiled = torch.compile of the same function"
+                                                      if compiled else ""),
+               "goal: layer_norm fwd+bwd at least PyTorch's speed (torch / ours >= 1) at hidden 768 to 4096"])
+
+    def provider(name, pick):
+        @bench.provider(name)
+        def make(case):
+            return make_fn(pick(case["op"]), case["mode"], case["x"], case["w"], case["b"])
+
+    provider("torch", lambda op: OPS[op]["torch"])
+    if compiled:
+        compiled_fns = {op: torch.compile(spec["torch"], dynamic=False) for op, spec in OPS.items()}
+        provider("compiled", compiled_fns.get)
+    provider("ours", lambda op: OPS[op]["ours"])
+    return bench
 
 
 def main(argv=None):
@@ -123,112 +132,32 @@ def main(argv=None):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     tokens = args.tokens or (64 if quick else 16384)
     hiddens = [int(h) for h in args.hidden.split(",")] if args.hidden else ([96] if quick else [768, 1024, 2048, 4096])
-    elt = torch.empty((), dtype=dtype).element_size()
     copy_gbs = copy_bandwidth(device)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
 
-    rows = []
-    for op, spec in OPS.items():
-        providers = {"torch": spec["torch"], "ours": spec["ours"]}
-        if args.compile:
-            providers["compiled"] = torch.compile(spec["torch"], dynamic=False)
-        for hidden in hiddens:
-            n = hidden * spec["width"]
-            x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-            b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-            check_agreement(op, x, w, b)
-            for mode in ("fwd", "fwd+bwd"):
-                nbytes = (2 if mode == "fwd" else 5) * tokens * n * elt
-                row = {"op": op, "tokens": tokens, "N": n, "mode": mode}
-                for name, fn in providers.items():
-                    med, p20, p80 = time_ms(make_fn(fn, mode, x, w, b))
-                    row[name] = (med, p20, p80, nbytes / med / 1e6)
-                rows.append(row)
-                print(format_row(row), flush=True)
-            del x, w, b
-    write_results(rows, args.out, dtype, copy_gbs, args.compile)
+    bench = build_benchmark(device, dtype, copy_gbs, args.compile)
+    cases = [{"op": op, "M": tokens, "N": hidden * spec["width"], "mode": mode}
+             for op, spec in OPS.items() for hidden in hiddens for mode in ("fwd", "fwd+bwd")]
+    results = bench.run(cases)
+    print(bench.table(results))
+    bench.write(results, args.out, summary=summarize(results))
 
 
-def format_row(row):
-    parts = [f"{row['op']:10s} M={row['tokens']:6d} N={row['N']:6d} {row['mode']:8s}"]
-    for name in ("torch", "compiled", "ours"):
-        if name in row:
-            parts.append(f"{name} {row[name][0]:7.3f} ms {row[name][3]:6.0f} GB/s")
-    parts.append(f"torch/ours {row['torch'][0] / row['ours'][0]:5.2f}x")
-    return "  ".join(parts)
+def summarize(results):
+    """The goal line (layer_norm fwd+bwd: torch / ours >= 1) and, on the CPU, what the numbers are worth."""
+    def median(case, name):
+        return next(r.median for r in results if r.case == case and r.provider == name)
 
-
-def write_results(rows, out_dir, dtype, copy_gbs, compiled):
-    os.makedirs(out_dir, exist_ok=True)
-    tag = device_tag()
-    device_name = (torch.cuda.get_device_name() if ON_GPU
-                   else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter")
-    names = ["torch", "compiled", "ours"] if compiled else ["torch", "ours"]
-    header = [
-        f"# LayerNorm and bias+GELU benchmark: {tag}",
-        "",
-        f"- device: {device_name}",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}",
-        f"- dtype {str(dtype).replace('torch.', '')}; times are medians (triton.testing.do_bench on the GPU) "
-        "in ms, [20th, 80th] percentiles",
-        "- GB/s = minimum traffic / time: fwd 2·M·N elements, fwd+bwd 5·M·N (x, y; x, dy, dx)",
-        f"- ceilings: measured copy bandwidth {copy_gbs:.0f} GB/s; H100 SXM HBM3 spec {HBM_SPEC_GBS:.0f} GB/s",
-        "- torch = torch.nn.functional eager" + ("; compiled = torch.compile of the same function" if compiled else ""),
-        "- goal: layer_norm fwd+bwd at least PyTorch's speed (torch/ours >= 1) at hidden 768 to 4096",
-        "",
-        "| op | M | N | mode | " + " | ".join(f"{n} ms | {n} GB/s" for n in names) + " | torch / ours |",
-        "|:--|---:|---:|:--|" + "---:|---:|" * len(names) + "---:|",
-    ]
-    lines = []
-    for row in rows:
-        cells = " | ".join(f"{row[n][0]:.3f} [{row[n][1]:.3f}, {row[n][2]:.3f}] | {row[n][3]:.0f}" for n in names)
-        ratio = row["torch"][0] / row["ours"][0]
-        mark = " ✓" if row["op"] == "layer_norm" and row["mode"] == "fwd+bwd" and ratio >= 1.0 else ""
-        lines.append(f"| {row['op']} | {row['tokens']} | {row['N']} | {row['mode']} | {cells} | {ratio:.2f}x{mark} |")
-    goal_rows = [r for r in rows if r["op"] == "layer_norm" and r["mode"] == "fwd+bwd"]
-    held = sum(r["torch"][0] / r["ours"][0] >= 1.0 for r in goal_rows)
-    summary = ["", f"layer_norm fwd+bwd at least PyTorch's speed in {held} of {len(goal_rows)} cases (marked ✓)."]
+    goal_cases = [r.case for r in results if r.provider == "ours" and r.ok
+                  and r.case["op"] == "layer_norm" and r.case["mode"] == "fwd+bwd"]
+    held = sum(median(c, "torch") / median(c, "ours") >= 1.0 for c in goal_cases)
+    summary = [f"layer_norm fwd+bwd at least PyTorch's speed in {held} of {len(goal_cases)} cases "
+               "(torch / this >= 1 in the ours rows)."]
     if not ON_GPU:
         summary.append("CPU run under the Triton interpreter: times say nothing about GPU speed; "
                        "this only keeps the script from rotting.")
-    md_path = os.path.join(out_dir, f"layernorm_{tag}.md")
-    with open(md_path, "w") as fh:
-        fh.write("\n".join(header + lines + summary) + "\n")
     print("\n".join(summary))
-    print(f"wrote {md_path}")
-    plot(rows, names, os.path.join(out_dir, f"layernorm_{tag}.png"), tag, copy_gbs)
-
-
-def plot(rows, names, path, tag, copy_gbs):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
-    panels = [(op, mode) for op in OPS for mode in ("fwd", "fwd+bwd")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
-    for ax, (op, mode) in zip(axes, panels):
-        sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
-        xs = range(len(sel))
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            ax.bar([x + (i - (len(names) - 1) / 2) * width for x in xs], [r[name][3] for r in sel], width=width,
-                   label=name)
-        ax.axhline(copy_gbs, color="black", linestyle="--", linewidth=0.8, label="copy")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([str(r["N"]) for r in sel])
-        ax.set_xlabel("N (row width)")
-        ax.set_ylabel("GB/s")
-        ax.set_title(f"{op} {mode} ({tag})")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    return summary
 
 
 if __name__ == "__main__":
