@@ -72,7 +72,6 @@ def test_walkthrough_runs_as_one_script(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, f"walkthrough script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    assert "ours == torch.optim.AdamW" in proc.stdout
 
 
 @pytest.mark.parametrize("doc", CITING_DOCS, ids=lambda p: p.name)
