@@ -4,7 +4,8 @@ cross-entropy) and computes the same function as the plain `eager` path.
 Two tiny random models with odd sizes (BERT MLM: head_dim 11, token types, padding; GPT-2: head_dim 7,
 padding), the same weights on both paths. Compared: the loss (relative error <= 1e-5 in fp32), every
 parameter's gradient (max |diff| / max |eager grad| <= GRAD_TOL), a bf16 model (both paths as close to fp32
-as bf16 allows), and a 20-step AdamW run (loss curves within 1e-4 relative). Triton runs under its interpreter on the CPU (tests/conftest.py), on the GPU if any.
+as bf16 allows), and a 20-step AdamW run (loss curves within 1e-4 relative). Triton runs under its
+interpreter on the CPU (tests/conftest.py), on the GPU if any.
 """
 
 import pytest
