@@ -372,7 +372,8 @@ def run_demo(out="runs/demo", quick: bool = False, device: str | None = None, se
     gpt_run = out / "gpt"
     trainer = Trainer(gpt, TrainConfig(out=str(gpt_run), max_steps=sizes.gpt_steps, batch_size=sizes.gpt_batch,
                                        lr=sizes.gpt_lr, warmup_steps=max(1, sizes.gpt_steps // 10),
-                                       min_lr_ratio=0.1, weight_decay=0.01, log_every=5, seed=seed,
+                                       min_lr_ratio=0.1, weight_decay=0.01, log_every=5,
+                                       eval_every=sizes.gpt_steps // 6, seed=seed,
                                        device=device, progress=progress),
                       train_data=train_blocks, eval_data=val_blocks, eval_fn=evaluate_lm, tokenizer=tok,
                       extra_info={"task": "causal", "model": "gpt2-tiny (dropout 0)", "data": str(out / "tokens")})

@@ -86,7 +86,7 @@ def plot_loss_curves(records: list[dict], path: str | os.PathLike, *, title: str
     if train:
         ax.plot(*zip(*train), label="training loss", color="tab:blue")
     if evals:
-        ax.plot(*zip(*evals), "o--", label="validation loss", color="tab:orange")
+        ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
