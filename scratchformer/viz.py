@@ -66,12 +66,13 @@ def plot_attention(probs, tokens: list[str], path: str | os.PathLike, *, title: 
 
 
 def plot_loss_curves(records: list[dict], path: str | os.PathLike, *, title: str = "",
-                     start_eval: float | None = None) -> Path:
+                     start_eval: float | None = None, smooth: int | None = None) -> Path:
     """Draw a training run's loss curve from its metrics.jsonl records and save a PNG.
 
     records: the trainer's log lines (`{"step", "loss", ...}` and `{"step", "eval_loss", ...}`); the training
-    loss is drawn as a line, evaluation losses as points. start_eval: an evaluation loss at step 0 (before
-    training), drawn as a point too.
+    loss is drawn as a faint line with its moving average over `smooth` records (default: a twentieth of them)
+    on top, evaluation losses as points. start_eval: an evaluation loss at step 0 (before training), drawn as a
+    point too.
     """
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -84,7 +85,15 @@ def plot_loss_curves(records: list[dict], path: str | os.PathLike, *, title: str
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     if train:
-        ax.plot(*zip(*train), label="training loss", color="tab:blue")
+        steps, losses = zip(*train)
+        window = max(1, smooth if smooth is not None else len(train) // 20)
+        if window > 1:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
+            averaged = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                        for i in range(len(losses))]
+            ax.plot(steps, averaged, label=f"training loss ({window}-step average)", color="tab:blue")
+        else:
+            ax.plot(steps, losses, label="training loss", color="tab:blue")
     if evals:
         ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
     ax.set_xlabel("optimizer step")

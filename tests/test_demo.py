@@ -47,6 +47,29 @@ def test_demo_bad_input(case, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_force_replaces_only_the_demo_outputs(tmp_path):
+    from scratchformer.demo import prepare_out
+
+    (tmp_path / "gpt" / "final").mkdir(parents=True)
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "keep.txt").write_text("mine")
+    prepare_out(tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_docstring_dataset_is_deterministic_deduplicated_and_split():
+    from scratchformer.demo import FAMILIES, docstring_dataset
+
+    train, test, labels = docstring_dataset()
+    assert labels == list(FAMILIES)
+    assert (train, test) == docstring_dataset()[:2]
+    texts = [r["text"] for r in train + test]
+    assert len(texts) == len(set(texts))  # de-duplicated, so no held-out text is also a training text
+    for i in range(len(labels)):  # every family on both sides, about a fifth held out
+        n_train, n_test = sum(r["label"] == i for r in train), sum(r["label"] == i for r in test)
+        assert n_test >= 10 and abs(n_test - (n_train + n_test) / 5) <= 1
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     from scratchformer.engine import CausalLM, SequenceClassifier
@@ -67,7 +90,8 @@ def test_demo_quick_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     pre, cls = summary["pretrain"], summary["classifier"]
     assert pre["val_loss_after"] < pre["val_loss_before"] - 1.0, pre
-    assert pre["train_loss_last"] < pre["train_loss_first"], pre
+    assert pre["train_loss_end"] < pre["train_loss_start"] - 1.0, pre
+    assert cls["train_loss_end"] < cls["train_loss_start"], cls
     assert cls["accuracy"] >= cls["majority_baseline"] + 0.15, cls
     assert cls["train_size"] > 500 and cls["test_size"] > 100 and len(cls["labels"]) == 5
 
