@@ -57,6 +57,23 @@ def test_force_replaces_only_the_demo_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
+def test_without_matplotlib_the_plots_are_skipped_with_a_note(tmp_path, monkeypatch):
+    from scratchformer.demo import QUICK, _Run, _step_plots
+
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import matplotlib...` now raises ImportError
+    for run_dir in ("gpt", "classifier"):
+        (tmp_path / run_dir).mkdir()
+        (tmp_path / run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    said = []
+    run = _Run(out=tmp_path, sizes=QUICK, device="cpu", seed=0, progress=False, say=said.append, minilm=tmp_path,
+               summary={"pretrain": {"val_loss_before": 3.0},
+                        "classifier": {"accuracy": 0.7, "majority_baseline": 0.3}})
+    _step_plots(run)
+    assert run.plots == [] and not (tmp_path / "plots").exists()
+    assert any("no plots" in line and "matplotlib" in line for line in said)
+
+
 def test_docstring_dataset_is_deterministic_deduplicated_and_split():
     from scratchformer.demo import FAMILIES, docstring_dataset
 
