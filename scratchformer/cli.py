@@ -75,7 +75,7 @@ def _add_runtime_flags(p, attention: bool = True):
 def cmd_demo(args) -> int:
     from scratchformer.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed, force=args.force)
+    run_demo(args.out, quick=args.quick, device=args.device, seed=args.seed, force=args.force, threads=args.threads)
     return 0
 
 
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and sampling")
     demo.add_argument("--force", action="store_true", help="replace the demo's outputs in a non-empty --out")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="PyTorch CPU threads (default: PyTorch's, or 1 when the CPU is already busy)")
     demo.set_defaults(run=cmd_demo)
 
     embed = sub.add_parser(

@@ -67,6 +67,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -308,26 +309,56 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def cpu_threads(requested: int | None) -> tuple[int, str]:
+    """(threads for PyTorch's CPU ops, why). Default: PyTorch's own choice, but 1 when the machine is already
+    busy (1-minute load average >= the number of cores): oversubscribed, PyTorch's OpenMP threads wait on
+    each other, and on a saturated 2-core machine one thread ran this demo's steps 3-5x faster than two."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested, "as asked"
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and load >= cores:
+        return 1, f"the CPU is busy: load {load:.1f} on {cores} cores"
+    return torch.get_num_threads(), "PyTorch's default"
+
+
 def run_demo(out="runs/demo", quick: bool = False, device: str | None = None, seed: int = 0, force: bool = False,
-             progress: bool = True, say=print) -> dict:
+             threads: int | None = None, progress: bool = True, say=print) -> dict:
     """Run the demo into `out` (see the module docstring); returns the summary also written to summary.json.
 
     quick: the small sizes (under a minute on two CPU cores). device: cpu, cuda or cuda:N (default: cuda when
-    there is one). force: replace the demo's outputs in a non-empty `out`. progress: tqdm bars. say: where the
-    step headers and results go (print by default).
+    there is one). force: replace the demo's outputs in a non-empty `out`. threads: PyTorch CPU threads
+    (default: see `cpu_threads`). progress: tqdm bars. say: where the step headers and results go (print).
     """
     import torch
 
     started = time.perf_counter()
     out = Path(out)
     device = resolve_device(device)
+    n_threads, why = cpu_threads(threads)
     minilm = _minilm_path()
     prepare_out(out, force)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        return _run(out, quick, device, seed, progress, say, minilm, started, f"{n_threads} CPU thread{'s' if n_threads != 1 else ''} ({why})")
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(out, quick, device, seed, progress, say, minilm, started, threads_note) -> dict:
+    import torch
+
     sizes = QUICK if quick else FULL
     mode = "quick" if quick else "full"
     torch.manual_seed(seed)
-    say(f"scratchformer demo ({mode} run) on {device}, seed {seed}, writing to {out}")
-    summary = {"mode": mode, "device": device, "seed": seed, "sizes": asdict(sizes), "python": sys.version.split()[0]}
+    say(f"scratchformer demo ({mode} run) on {device}, {threads_note}, seed {seed}, writing to {out}")
+    summary = {"mode": mode, "device": device, "seed": seed, "sizes": asdict(sizes), "python": sys.version.split()[0],
+               "cpu_threads": torch.get_num_threads()}
     timings = {}
     steps = [("tokenizer", "Train a byte-level BPE tokenizer and prepare the token file", _step_tokenizer),
              ("pretrain", f"Pretrain a small GPT-2 from scratch (causal LM, {sizes.gpt_steps} steps of "
