@@ -53,9 +53,10 @@ Everything it reads ships with Python or with an installed package; nothing is d
 An existing non-empty `--out` is refused unless `force=True` (`--force`); with it, only the entries the demo
 writes (the names above) are replaced, and anything else in the folder is left alone.
 
-`quick=True` (`--quick`) runs the same steps smaller. Timed on two CPU cores that nothing else was using much:
-about 50 s for the full run and 25 s for the quick one (CPU contention stretches both: the same full run took
-6 minutes while three other jobs were saturating the cores).
+`quick=True` (`--quick`) runs the same steps smaller. Timed with `time scratchformer demo` on a 2-core CPU:
+52 s for the full run and 28 s for the quick one when the cores were nearly free; 2 min 3 s and 70 s while other
+jobs kept both cores saturated (load 5-6; one PyTorch thread, see `cpu_threads`; with PyTorch's default two
+threads the same full run took 6 min 14 s).
 """
 
 from __future__ import annotations
