@@ -63,3 +63,46 @@ def plot_attention(probs, tokens: list[str], path: str | os.PathLike, *, title: 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
+
+
+def plot_loss_curves(records: list[dict], path: str | os.PathLike, *, title: str = "",
+                     start_eval: float | None = None, smooth: int | None = None) -> Path:
+    """Draw a training run's loss curve from its metrics.jsonl records and save a PNG.
+
+    records: the trainer's log lines (`{"step", "loss", ...}` and `{"step", "eval_loss", ...}`); the training
+    loss is drawn as a faint line with its moving average over `smooth` records (default: a twentieth of them)
+    on top, evaluation losses as points. start_eval: an evaluation loss at step 0 (before training), drawn as a
+    point too.
+    """
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if start_eval is not None:
+        evals.insert(0, (0, start_eval))
+    if not train and not evals:
+        raise ValueError("no loss in the records: nothing to draw")
+    Figure, FigureCanvasAgg = _matplotlib_figure()
+    fig = Figure(figsize=(6.0, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if train:
+        steps, losses = zip(*train)
+        window = max(1, smooth if smooth is not None else len(train) // 20)
+        if window > 1:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
+            averaged = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                        for i in range(len(losses))]
+            ax.plot(steps, averaged, label=f"training loss ({window}-step average)", color="tab:blue")
+        else:
+            ax.plot(steps, losses, label="training loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
