@@ -75,7 +75,7 @@ def device_info():
         match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name)
         tag = match.group(1) if match else re.sub(r"\W+", "_", name)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()})"
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         tag = "CPU"
     return {
         "name": name,
@@ -318,7 +318,7 @@ class Benchmark:
         if self.metric:
             lines.append(f"- {self.metric} = work / median time")
         if self.ceiling is not None:
-            lines.append(f"- ceiling: {self.ceiling:g} {self.metric or ''}" + (f" ({self.ceiling_label})"
+            lines.append(f"- ceiling: {self.ceiling:.4g} {self.metric or ''}" + (f" ({self.ceiling_label})"
                                                                                 if self.ceiling_label else ""))
         lines += [f"- {note}" for note in self.notes]
         lines += ["", "| " + " | ".join(head) + " |",
