@@ -13,19 +13,17 @@ medians. Writes benchmarks/results/adamw_<device>.md and .png (if matplotlib is 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import statistics
-import time
 
 import torch
 
-import triton
-
+from benchmarks.harness import Benchmark, measure_time
 from scratchformer.kernels import adamw as adamw_kernels
 from scratchformer.train import AdamW
 
 BYTES_PER_PARAM = 28
+ON_GPU = torch.cuda.is_available()
+DO_BENCH_ARGS = {"warmup": 25, "rep": 200}  # ms of warm-up and of timed runs per do_bench call
+CPU_REPEATS = 7
 
 
 def gpt2_shapes(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
@@ -54,28 +52,15 @@ def cases(on_gpu: bool, quick: bool):
     ]
 
 
-def timer(on_gpu: bool):
-    if on_gpu:
-        def bench(fn):
-            med, lo, hi = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
-            return med, lo, hi
-    else:
-        def bench(fn, reps=7):
-            fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            times.sort()
-            return statistics.median(times), times[1], times[-2]
-    return bench
+def time_it(fn):
+    """(median, p20, p80) ms: do_bench(warmup=25, rep=200) on the GPU, 7 wall-clock runs after one on the CPU."""
+    return measure_time(fn, warmup=1, repeats=CPU_REPEATS, gpu_timer="do_bench", do_bench_args=DO_BENCH_ARGS)
 
 
-def copy_bandwidth(device, bench, nbytes):
+def copy_bandwidth(device, nbytes):
     x = torch.randn(nbytes // 4, device=device)
     y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))[0]
+    ms = time_it(lambda: y.copy_(x))[0]
     del x, y
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
@@ -87,108 +72,86 @@ def make_model(shapes, device):
     return params
 
 
-def run(args):
-    on_gpu = torch.cuda.is_available()
-    device = "cuda" if on_gpu else "cpu"
-    bench = timer(on_gpu)
-    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores)"
-    tag = next((t for t in ("H200", "H100", "A100", "L4", "A10", "T4") if t in name), None) if on_gpu else "CPU"
-    tag = tag or name.replace(" ", "_")
-    copy_gbs = copy_bandwidth(device, bench, (1 << 30) if on_gpu else (1 << 26))
-    print(f"{name}: device copy {copy_gbs:.0f} GB/s (read + write)")
+OPTIMIZERS = {
+    "ours": lambda ps: AdamW(ps, lr=1e-5),  # Triton on the GPU, torch's fused kernel on the CPU
+    "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.01, foreach=True),
+    "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.01, fused=True),
+}
 
-    providers = {
-        "ours": lambda ps: AdamW(ps, lr=1e-5),  # Triton on the GPU, torch's fused kernel on the CPU
-        "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.01, foreach=True),
-        "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-5, weight_decay=0.01, fused=True),
-    }
-    rows = []
-    for label, shapes in cases(on_gpu, args.quick):
-        params = make_model(shapes, device)
-        n = sum(p.numel() for p in params)
-        row = dict(case=label, n=n, tensors=len(shapes))
-        for prov, make in providers.items():
-            opt = make(params)
+
+def build_benchmark(device, copy_gbs, shapes_of):
+    """The harness benchmark: cases {case, M params, tensors}; one provider per optimizer; GB/s = 28 B/param."""
+
+    def setup(case):
+        params = make_model(shapes_of[case["case"]], device)
+        return {"params_list": params, "n": sum(p.numel() for p in params)}
+
+    bench = Benchmark(
+        "adamw", title="AdamW step", metric="GB/s", work=lambda c: BYTES_PER_PARAM * c["n"],
+        ceiling=copy_gbs, ceiling_label="measured device copy", baseline="torch fused", setup=setup,
+        warmup=1, repeats=CPU_REPEATS, gpu_timer="do_bench", do_bench_args=DO_BENCH_ARGS, x="M params", log_x=True,
+        notes=[f"GB/s counts {BYTES_PER_PARAM} bytes per fp32 parameter (read p, g, m, v; write p, m, v)",
+               f"measured device copy: {copy_gbs:.0f} GB/s (bytes read + written / time; "
+               f"{'1 GiB' if ON_GPU else '64 MiB'} tensor)",
+               "ours = scratchformer.train.AdamW: Triton on the GPU, torch's fused kernel on the CPU"]
+        + ([] if ON_GPU else ["CPU: these small sizes sit partly in cache, hence possibly more than 100% of "
+                              "the copy bandwidth"]))
+    for name, make_optimizer in OPTIMIZERS.items():
+        def make(case, make_optimizer=make_optimizer):
+            opt = make_optimizer(case["params_list"])
             opt.step()  # state allocation and compilation outside the timing
-            med, lo, hi = bench(opt.step)
-            row[prov] = (med, lo, hi)
-            del opt
-            if on_gpu:
-                torch.cuda.empty_cache()
-        rows.append(row)
-        gbs = {p: BYTES_PER_PARAM * n / (row[p][0] * 1e-3) / 1e9 for p in providers}
-        print(f"{label:45s} {n / 1e6:8.1f}M " + "  ".join(
-            f"{p}: {row[p][0]:8.3f} ms {gbs[p]:7.0f} GB/s ({gbs[p] / copy_gbs:4.0%})" for p in providers))
-        del params
-        if on_gpu:
-            torch.cuda.empty_cache()
+            return opt.step
 
-    if args.sweep and on_gpu:
-        params = make_model([(100_000_000,)], device)
-        opt = AdamW(params, lr=1e-5)
-        opt.step()
-        st = opt.state[params[0]]
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                def step():
-                    adamw_kernels.fused_adamw_(params, [params[0].grad], [st["exp_avg"]], [st["exp_avg_sq"]],
-                                               None, None, [st["step"]], lr=1e-5, beta1=0.9, beta2=0.999,
-                                               eps=1e-8, weight_decay=0.01, block=block, num_warps=warps)
-                ms = bench(step)[0]
-                print(f"sweep 100M BLOCK={block:5d} num_warps={warps:2d}: {ms:.3f} ms "
-                      f"{BYTES_PER_PARAM * 1e8 / (ms * 1e-3) / 1e9:.0f} GB/s")
-        del params, opt
-
-    write_results(args.out, tag, name, copy_gbs, rows, list(providers), on_gpu)
+        bench.provider(name)(make)
+    return bench
 
 
-def write_results(out, tag, name, copy_gbs, rows, providers, on_gpu):
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"adamw_{tag}.md")
-    lines = [
-        f"# AdamW step on {name}",
-        "",
-        f"{datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}. "
-        f"Measured device copy: {copy_gbs:.0f} GB/s (bytes read + written / time). "
-        f"GB/s counts {BYTES_PER_PARAM} bytes per fp32 parameter; % is of the copy bandwidth. "
-        + ("Times are do_bench medians [20th-80th percentile]." if on_gpu else
-           "CPU: wall-clock medians; 'ours' is our optimizer's CPU path (torch's fused kernel); these small "
-           "sizes sit partly in cache, hence more than 100% of the copy bandwidth (64 MiB tensor)."),
-        "",
-        "| case | params | tensors | " + " | ".join(f"{p} ms | {p} GB/s (%)" for p in providers) + " |",
-        "|---|---:|---:|" + "---:|---:|" * len(providers),
-    ]
-    for r in rows:
-        cells = []
-        for p in providers:
-            med, lo, hi = r[p]
-            gbs = BYTES_PER_PARAM * r["n"] / (med * 1e-3) / 1e9
-            cells += [f"{med:.3f} [{lo:.3f}-{hi:.3f}]", f"{gbs:.0f} ({gbs / copy_gbs:.0%})"]
-        lines.append(f"| {r['case']} | {r['n'] / 1e6:.1f}M | {r['tensors']} | " + " | ".join(cells) + " |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
-    try:
-        import matplotlib
+def sweep(device):
+    """GPU: our kernel at 100M parameters for each BLOCK and num_warps."""
+    params = make_model([(100_000_000,)], device)
+    opt = AdamW(params, lr=1e-5)
+    opt.step()
+    st = opt.state[params[0]]
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            def step():
+                adamw_kernels.fused_adamw_(params, [params[0].grad], [st["exp_avg"]], [st["exp_avg_sq"]],
+                                           None, None, [st["step"]], lr=1e-5, beta1=0.9, beta2=0.999,
+                                           eps=1e-8, weight_decay=0.01, block=block, num_warps=warps)
+            ms = time_it(step)[0]
+            print(f"sweep 100M BLOCK={block:5d} num_warps={warps:2d}: {ms:.3f} ms "
+                  f"{BYTES_PER_PARAM * 1e8 / (ms * 1e-3) / 1e9:.0f} GB/s")
+    del params, opt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(providers)
-    for i, p in enumerate(providers):
-        gbs = [BYTES_PER_PARAM * r["n"] / (r[p][0] * 1e-3) / 1e9 for r in rows]
-        ax.bar([j + i * width for j in range(len(rows))], gbs, width, label=p)
-    ax.axhline(copy_gbs, color="k", linestyle="--", label="device copy")
-    ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(rows))])
-    ax.set_xticklabels([r["case"] for r in rows], rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel("GB/s (28 bytes / parameter)")
-    ax.set_title(f"AdamW step, {name}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path[:-3] + ".png", dpi=120)
-    print(f"wrote {path[:-3]}.png")
+
+def summarize(results, copy_gbs):
+    """Each provider's GB/s as a share of the measured copy bandwidth."""
+    names = list(OPTIMIZERS)
+    summary = ["| case | " + " | ".join(f"{n} % of copy" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for case in dict.fromkeys(r.case["case"] for r in results):
+        rates = {r.provider: r.rate for r in results if r.case["case"] == case and r.ok}
+        summary.append(f"| {case} | " + " | ".join("-" if n not in rates else f"{rates[n] / copy_gbs:.0%}"
+                                                  for n in names) + " |")
+    print("\n".join(summary))
+    return summary
+
+
+def run(args):
+    device = "cuda" if ON_GPU else "cpu"
+    copy_gbs = copy_bandwidth(device, (1 << 30) if ON_GPU else (1 << 26))
+    print(f"device copy {copy_gbs:.0f} GB/s (read + write)")
+    chosen = cases(ON_GPU, args.quick)
+    shapes_of = dict(chosen)
+    bench = build_benchmark(device, copy_gbs, shapes_of)
+    table_cases = []
+    for label, shapes in chosen:
+        n = sum(torch.Size(s).numel() for s in shapes)
+        table_cases.append({"case": label, "M params": round(n / 1e6, 1), "tensors": len(shapes)})
+    results = bench.run(table_cases)
+    print(bench.table(results))
+    if args.sweep and ON_GPU:
+        sweep(device)
+    bench.write(results, args.out, summary=summarize(results, copy_gbs))
 
 
 if __name__ == "__main__":

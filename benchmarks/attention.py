@@ -18,12 +18,8 @@ Writes `attention_<device>.md` and `.png` under --out (default benchmarks/result
 from __future__ import annotations
 
 import argparse
-import datetime
-import math
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,9 +27,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
+from benchmarks.harness import Benchmark  # noqa: E402
 from scratchformer.kernels import flash_attention  # noqa: E402
 
 # H100 SXM ceilings for bf16 dense matrix products (attention is matmul-bound).
@@ -80,61 +74,81 @@ def attention_flops(batch, heads, seq_q, seq_k, head_dim, causal, mode) -> float
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def _time_ms(fn, on_gpu, grad_to_none=None) -> float:
-    if on_gpu:
-        return triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none)
-    fn()  # warm-up (compiles / traces)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def _quadratic_bytes(batch, heads, seq, dtype) -> int:
     """Rough peak of a path that materialises the scores: the scores, the probabilities and their gradients."""
     return 4 * batch * heads * seq * seq * torch.finfo(dtype).bits // 8
 
 
-def measure(name, fn, batch, heads, seq, head_dim, causal, dtype, device, on_gpu) -> dict:
-    """{mode: TFLOP/s (GPU) or ms (CPU)} plus 'peak_mib'; missing entries mean the provider was skipped."""
-    result = {}
-    if name in ("eager", "sdpa-math") and on_gpu:
-        free, _ = torch.cuda.mem_get_info()
-        if _quadratic_bytes(batch, heads, seq, dtype) > 0.8 * free:
-            return result  # would not fit
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    grad_out = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
-    try:
-        with torch.no_grad():
-            fwd_ms = _time_ms(lambda: fn(q, k, v, causal), on_gpu)
-        out = fn(q, k, v, causal)
-        bwd_ms = _time_ms(lambda: out.backward(grad_out, retain_graph=True), on_gpu, grad_to_none=[q, k, v])
-        del out
+def make_provider(name, fn, dtype, device):
+    """The harness provider for `fn`: fresh q, k, v for the case, then a callable for its mode.
+    fwd: fn under no_grad; bwd: backward of one stored forward (retain_graph); fwd+bwd: both. The backward
+    modes reset q, k, v's .grad before each timed run (grad_to_none)."""
 
-        def step():
-            fn(q, k, v, causal).backward(grad_out)
+    def make(case):
+        batch, heads, seq, head_dim, causal = (case[k] for k in ("batch", "heads", "seq", "head_dim", "causal"))
+        if name in ("eager", "sdpa-math") and ON_GPU:
+            free, _ = torch.cuda.mem_get_info()
+            if _quadratic_bytes(batch, heads, seq, dtype) > 0.8 * free:
+                return None  # would not fit
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        grad_out = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
+        if case["mode"] == "fwd":
+            def run():
+                with torch.no_grad():
+                    return fn(q, k, v, causal)
+            return run
+        if case["mode"] == "bwd":
+            out = fn(q, k, v, causal)
 
-        full_ms = _time_ms(step, on_gpu, grad_to_none=[q, k, v])
-        if on_gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    except (RuntimeError, torch.OutOfMemoryError) as err:  # unsupported shape/dtype for this backend, or OOM
-        print(f"  {name}: skipped ({str(err).splitlines()[0][:80]})")
-        return {}
-    finally:
-        q.grad = k.grad = v.grad = None
-        if on_gpu:
-            torch.cuda.empty_cache()
-    for mode, ms in (("fwd", fwd_ms), ("bwd", bwd_ms), ("fwd+bwd", full_ms)):
-        if on_gpu:
-            result[mode] = attention_flops(batch, heads, seq, seq, head_dim, causal, mode) / (ms * 1e-3) / 1e12
+            def run():
+                out.backward(grad_out, retain_graph=True)
         else:
-            result[mode] = ms
-    return result
+            def run():
+                fn(q, k, v, causal).backward(grad_out)
+        run.grad_to_none = [q, k, v]
+        return run
+
+    return make
+
+
+def build_benchmark(provs, dtype, device, tokens, hidden):
+    on_h100 = ON_GPU and "H100" in torch.cuda.get_device_name()
+    bench = Benchmark(
+        "attention", title="Attention benchmark", metric="TFLOP/s" if ON_GPU else "GFLOP/s",
+        work=lambda c: attention_flops(c["batch"], c["heads"], c["seq"], c["seq"], c["head_dim"], c["causal"],
+                                       c["mode"]),
+        ceiling=H100_SPEC_TFLOPS if on_h100 else None, ceiling_label="H100 SXM bf16 dense spec",
+        memory=True, warmup=1, repeats=1, gpu_timer="do_bench", do_bench_args={"warmup": 10, "rep": 50},
+        x="seq", panels=("head_dim", "causal"), log_x=True, plot_cases=lambda c: c["mode"] == "fwd+bwd",
+        notes=[f"dtype {str(dtype).replace('torch.', '')}, {tokens} tokens per point (batch = tokens / seq), "
+               f"heads = {hidden} / head_dim",
+               "FLOPs: 4·b·h·s·s·d forward (half when causal), backward 2.5x that, fwd+bwd 3.5x",
+               "peak = allocation above the inputs during one call of the mode, in MiB",
+               f"H100 SXM bf16 dense ceilings: {H100_SPEC_TFLOPS:.0f} TFLOP/s (spec, the plot's line), about "
+               f"{H100_MEASURED_TFLOPS:.0f} measured for matrix products",
+               "plot: fwd+bwd only"]
+        + ([] if ON_GPU else ["CPU run: tiny fp32 shapes, one wall-clock run after one warm-up, ours under "
+                              "the Triton interpreter; only checks the script runs"]))
+    for name, fn in provs.items():
+        bench.provider(name)(make_provider(name, fn, dtype, device))
+    return bench
+
+
+def summarize(results, provs, elapsed, unit):
+    """fwd+bwd rates side by side, one column per provider, and the sweep time."""
+    names = list(provs)
+    lines = [f"fwd+bwd {unit} by provider:", "",
+             "| head_dim | causal | seq | batch | " + " | ".join(names) + " |", "|---:" * 4 + "|---:" * len(names) + "|"]
+    for key in dict.fromkeys((r.case["head_dim"], r.case["causal"], r.case["seq"], r.case["batch"])
+                             for r in results if r.case["mode"] == "fwd+bwd"):
+        rate = {r.provider: r.rate for r in results if r.ok and r.case["mode"] == "fwd+bwd"
+                and (r.case["head_dim"], r.case["causal"], r.case["seq"], r.case["batch"]) == key}
+        lines.append("| " + " | ".join(str(v) for v in key) + " | "
+                     + " | ".join(f"{rate[n]:.3g}" if n in rate else "-" for n in names) + " |")
+    lines += ["", f"Sweep time {elapsed:.0f} s (including autotuning)."]
+    print("\n".join(lines))
+    return lines
 
 
 def main() -> None:
@@ -146,94 +160,26 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
     args = parser.parse_args()
 
-    on_gpu = ON_GPU and not args.quick
+    full = ON_GPU and not args.quick
     device = "cuda" if ON_GPU else "cpu"
-    if on_gpu:
+    if full:
         dtype, tokens, seqs, head_dims, hidden = torch.bfloat16, args.tokens, args.seqs, args.head_dims, 2048
     else:  # tiny and fp32: the interpreter and the CPU have no fast bf16
         dtype, tokens, seqs, head_dims, hidden = torch.float32, 128, [32, 64], [16, 32], 64
-    provs = providers(on_gpu)
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    provs = providers(full)
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
         provs.pop("triton")  # CPU tensors need the interpreter
-    unit = "TFLOP/s" if on_gpu else "ms"
-    device_name = torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()})"
 
-    rows = []
+    bench = build_benchmark(provs, dtype, device, tokens, hidden)
+    cases = [{"head_dim": head_dim, "heads": max(1, hidden // head_dim), "causal": causal, "seq": seq,
+              "batch": max(1, tokens // seq), "mode": mode}
+             for head_dim in head_dims for causal in (False, True) for seq in seqs
+             for mode in ("fwd", "bwd", "fwd+bwd")]
     start = time.perf_counter()
-    for head_dim in head_dims:
-        heads = max(1, hidden // head_dim)
-        for causal in (False, True):
-            for seq in seqs:
-                batch = max(1, tokens // seq)
-                print(f"head_dim={head_dim} heads={heads} causal={causal} seq={seq} batch={batch}", flush=True)
-                for name, fn in provs.items():
-                    res = measure(name, fn, batch, heads, seq, head_dim, causal, dtype, device, on_gpu)
-                    rows.append(dict(provider=name, head_dim=head_dim, heads=heads, causal=causal, seq=seq,
-                                     batch=batch, **res))
+    results = bench.run(cases)
     elapsed = time.perf_counter() - start
-
-    def fmt(value, digits=1):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    header = (f"| head_dim | causal | seq | batch | provider | fwd {unit} | bwd {unit} | fwd+bwd {unit} "
-              f"| peak MiB |")
-    lines = [header, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(f"| {r['head_dim']} | {r['causal']} | {r['seq']} | {r['batch']} | {r['provider']} "
-                     f"| {fmt(r.get('fwd'))} | {fmt(r.get('bwd'))} | {fmt(r.get('fwd+bwd'))} "
-                     f"| {fmt(r.get('peak_mib'), 0)} |")
-    table = "\n".join(lines)
-    print(table)
-    print(f"sweep took {elapsed:.0f} s")
-
-    versions = (f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}, "
-                f"{datetime.date.today().isoformat()}")
-    ceiling = (f"H100 SXM bf16 dense ceilings: {H100_SPEC_TFLOPS:.0f} TFLOP/s (spec), about "
-               f"{H100_MEASURED_TFLOPS:.0f} measured for matrix products." if on_gpu else
-               "CPU run: tiny fp32 shapes, wall-clock milliseconds (not TFLOP/s); only checks the script runs.")
-    tag = "".join(ch if ch.isalnum() else "_" for ch in (device_name.split()[-1] if ON_GPU else "CPU"))
-    tag = next((t for t in ("H100", "H200", "A100", "L4") if t in device_name), tag)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / f"attention_{tag}.md"
-    md.write_text(
-        f"# Attention benchmark on {device_name}\n\n{versions}\n\n"
-        f"dtype {str(dtype).replace('torch.', '')}, {tokens} tokens per point (batch = tokens / seq), "
-        f"heads = {hidden} / head_dim. FLOPs: 4*b*h*s*s*d forward (half when causal), backward 2.5x. "
-        f"Peak memory is the allocation above the inputs during forward+backward.\n\n{ceiling}\n\n"
-        f"{table}\n\nSweep time {elapsed:.0f} s (including autotuning).\n"
-    )
-    print(f"wrote {md}")
-    _plot(rows, out_dir / f"attention_{tag}.png", unit, device_name, head_dims)
-
-
-def _plot(rows, path, unit, device_name, head_dims) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
-    fig, axes = plt.subplots(len(head_dims), 2, figsize=(11, 4 * len(head_dims)), squeeze=False)
-    for i, head_dim in enumerate(head_dims):
-        for j, causal in enumerate((False, True)):
-            ax = axes[i][j]
-            for provider in dict.fromkeys(r["provider"] for r in rows):
-                pts = [(r["seq"], r["fwd+bwd"]) for r in rows if r["provider"] == provider
-                       and r["head_dim"] == head_dim and r["causal"] == causal and "fwd+bwd" in r]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=provider)
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"fwd+bwd, head_dim {head_dim}, {'causal' if causal else 'non-causal'}")
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(unit)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"Attention on {device_name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    print(bench.table(results))
+    bench.write(results, args.out, summary=summarize(results, provs, elapsed, bench.metric))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ shape) is recorded with its error and shown as "-"; the others go on.
 
 Timing: the callable runs `warmup` times, then `repeats` timed runs give the median and the 20th/80th
 percentiles in milliseconds. On a GPU each run is bracketed by CUDA events after the L2 cache is flushed
-(or, with gpu_timer="do_bench", `triton.testing.do_bench` is used as is); on the CPU, time.perf_counter.
+(or, with gpu_timer="do_bench", `triton.testing.do_bench(fn, **do_bench_args)` is used as is); on the CPU,
+time.perf_counter. A provider whose callable sets `fn.grad_to_none = [tensors]` gets their .grad reset to
+None before every timed run (outside the timing), as do_bench's grad_to_none does.
 With `memory=True` the extra peak CUDA memory of one call (inputs excluded) is recorded in MiB.
 Rates: work / median time, in the unit of `metric` (TFLOP/s = 1e12 FLOP per second, GB/s = 1e9 bytes).
 """
@@ -73,7 +75,7 @@ def device_info():
         match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name)
         tag = match.group(1) if match else re.sub(r"\W+", "_", name)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()})"
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         tag = "CPU"
     return {
         "name": name,
@@ -97,10 +99,16 @@ def percentile(values, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def reset_grads(tensors):
+    for t in tensors or ():
+        t.grad = None
+
+
 def time_cpu(fn, repeats):
     """Wall-clock times in ms of `repeats` calls."""
     times = []
     for _ in range(repeats):
+        reset_grads(getattr(fn, "grad_to_none", None))
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -114,6 +122,7 @@ def time_cuda(fn, repeats):
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     torch.cuda.synchronize()
     for start, end in zip(starts, ends):
+        reset_grads(getattr(fn, "grad_to_none", None))
         flush.zero_()
         start.record()
         fn()
@@ -122,14 +131,15 @@ def time_cuda(fn, repeats):
     return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
-def measure_time(fn, warmup=1, repeats=5, gpu_timer="events"):
+def measure_time(fn, warmup=1, repeats=5, gpu_timer="events", do_bench_args=None):
     """(median, p20, p80) in ms of fn() after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     if torch.cuda.is_available() and gpu_timer == "do_bench":
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], **(do_bench_args or {}),
+                                             grad_to_none=getattr(fn, "grad_to_none", None)))
     times = time_cuda(fn, repeats) if torch.cuda.is_available() else time_cpu(fn, repeats)
     return percentile(times, 50), percentile(times, 20), percentile(times, 80)
 
@@ -178,18 +188,20 @@ class Benchmark:
 
     def __init__(self, name, *, title=None, metric=None, work=None, ceiling=None, ceiling_label=None,
                  baseline=None, setup=None, memory=False, warmup=None, repeats=None, gpu_timer="events",
-                 notes=(), x=None, panels=(), log_x=False):
+                 do_bench_args=None, notes=(), x=None, panels=(), log_x=False, plot_cases=None):
         if metric is not None and metric not in UNITS:
             raise ValueError(f"metric {metric!r}: one of {', '.join(UNITS)} or None")
         self.name, self.title = name, title or name
         self.metric, self.work, self.setup = metric, work, setup
         self.ceiling, self.ceiling_label = ceiling, ceiling_label
         self.baseline, self.memory, self.gpu_timer = baseline, memory, gpu_timer
+        self.do_bench_args = dict(do_bench_args or {})  # e.g. {"warmup": 10, "rep": 50} (ms), do_bench's defaults
         on_gpu = torch.cuda.is_available()
         self.warmup = warmup if warmup is not None else (10 if on_gpu else 1)
         self.repeats = repeats if repeats is not None else (50 if on_gpu else 5)
         self.notes = list(notes)
         self.x, self.panels, self.log_x = x, tuple(panels), log_x  # plot: x-axis key, one panel per panels values
+        self.plot_cases = plot_cases  # plot only the cases for which plot_cases(case) is true (all if None)
         self.providers = {}  # name -> (function(case) -> callable or None, work function or None)
 
     def provider(self, name, work=None):
@@ -227,7 +239,7 @@ class Benchmark:
             for _ in range(self.warmup):
                 fn()
             peak = peak_memory_mib(fn) if self.memory else None  # after the warm-up, before the timed runs
-            median, p20, p80 = measure_time(fn, 0, self.repeats, self.gpu_timer)
+            median, p20, p80 = measure_time(fn, 0, self.repeats, self.gpu_timer, self.do_bench_args)
         except Exception as err:  # noqa: BLE001 - one provider failing (OOM, unsupported) must not stop the sweep
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -306,7 +318,7 @@ class Benchmark:
         if self.metric:
             lines.append(f"- {self.metric} = work / median time")
         if self.ceiling is not None:
-            lines.append(f"- ceiling: {self.ceiling:g} {self.metric or ''}" + (f" ({self.ceiling_label})"
+            lines.append(f"- ceiling: {self.ceiling:.4g} {self.metric or ''}" + (f" ({self.ceiling_label})"
                                                                                 if self.ceiling_label else ""))
         lines += [f"- {note}" for note in self.notes]
         lines += ["", "| " + " | ".join(head) + " |",
@@ -320,7 +332,8 @@ class Benchmark:
         if not torch.cuda.is_available():
             return f"{self.repeats} wall-clock runs after {self.warmup} warm-up"
         if self.gpu_timer == "do_bench":
-            return "triton.testing.do_bench"
+            args = ", ".join(f"{k}={v}" for k, v in self.do_bench_args.items())
+            return f"triton.testing.do_bench({args})" if args else "triton.testing.do_bench"
         return f"{self.repeats} CUDA-event-timed runs (L2 flushed) after {self.warmup} warm-up"
 
     def write(self, results, out_dir, summary=(), info=None, plot=True):
@@ -347,7 +360,7 @@ class Benchmark:
             print("matplotlib missing: no plot")
             return None
         info = info or device_info()
-        ok = [r for r in results if r.ok]
+        ok = [r for r in results if r.ok and (self.plot_cases is None or self.plot_cases(r.case))]
         x_key = self.x or next(iter(results[0].case))
         groups = list(dict.fromkeys(tuple(r.case.get(k) for k in self.panels) for r in ok)) or [()]
         with_memory = any(r.peak is not None for r in ok)

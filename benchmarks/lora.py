@@ -14,27 +14,21 @@ Goals (issue 4, on an H100): fused fwd+bwd <= 1.10x the base's, and >= 1.3x fast
 """
 
 import argparse
-import datetime
 import os
-import platform
-import re
-import statistics
-import sys
-import time
 
 import torch
 
 if not torch.cuda.is_available():  # the kernels run under Triton's interpreter; must precede their import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-
+from benchmarks.harness import Benchmark  # noqa: E402
 from scratchformer.kernels import lora_linear  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 CEILING_TFLOPS = 790.0  # bf16 matrix products measured on an H200 (shared/REFERENCE.md); H100 SXM is close
 GOAL_VS_BASE = 1.10
 GOAL_VS_UNFUSED = 1.3
+PROVIDERS = ("base", "unfused", "fused")
 
 
 def unfused(x, weight, bias, lora_a, lora_b, scaling):
@@ -87,38 +81,39 @@ def flops(mode, provider, tokens, in_f, out_f, r):
     return base + low_rank if mode == "fwd" else 2 * base + 3 * low_rank
 
 
-def measure(fn):
-    """(median, p20, p80) in ms and the extra peak memory of one call in MiB (None on the CPU)."""
-    fn()  # compile / autotune outside the timing
-    if ON_GPU:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-        del out
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return med, p20, p80, peak
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[0], times[-1], None
-
-
-def device_tag():
-    if not ON_GPU:
-        return "CPU"
-    name = torch.cuda.get_device_name()
-    match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name)
-    return match.group(1) if match else re.sub(r"\W+", "_", name)
-
-
 def parse_shapes(text):
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def build_benchmark(device, dtype, scaling, plot_tokens):
+    """The harness benchmark: cases {tokens, in, out, r, mode}; providers base, unfused, fused; peak memory."""
+
+    def setup(case):
+        tensors = make_case(case["tokens"], case["in"], case["out"], case["r"], dtype, device)
+        check_agreement(tensors, scaling)
+        return {"tensors": tensors}
+
+    def work_of(provider):
+        return lambda c: flops(c["mode"], provider, c["tokens"], c["in"], c["out"], c["r"])
+
+    bench = Benchmark(
+        "lora", title="LoRA linear benchmark", metric="TFLOP/s", ceiling=CEILING_TFLOPS if ON_GPU else None,
+        ceiling_label="bf16 matmul measured (H200)", baseline="base", setup=setup, memory=True,
+        warmup=1, repeats=3, gpu_timer="do_bench", x="r", panels=("in", "out", "mode"), log_x=True,
+        plot_cases=lambda c: c["tokens"] == plot_tokens,
+        notes=[f"dtype {str(dtype).replace('torch.', '')}, with bias, LoRA dropout 0, scaling {scaling}",
+               "base = frozen linear alone (its backward computes dX only); unfused = PEFT's lora.Linear order; "
+               "fused = scratchformer lora_linear",
+               "TFLOP/s count each provider's own FLOPs: base 2·T·in·out (fwd+bwd twice that); LoRA adds "
+               "2·T·r·(in+out) forward, three times that fwd+bwd",
+               "peak = extra peak memory of one call in MiB (outputs and autograd state included)",
+               f"goals: fused fwd+bwd <= {GOAL_VS_BASE:.2f}x base; unfused / fused >= {GOAL_VS_UNFUSED:.1f}x"])
+    for name in PROVIDERS:
+        def make(case, name=name):
+            return make_fns(name, case["mode"], *case["tensors"], scaling)
+
+        bench.provider(name, work=work_of(name))(make)
+    return bench
 
 
 def main(argv=None):
@@ -139,116 +134,41 @@ def main(argv=None):
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else ([8] if quick else [8, 16, 64])
     scaling = 2.0
 
-    rows = []
-    for tokens in tokens_list:
-        for in_f, out_f in shapes:
-            for r in ranks:
-                case = make_case(tokens, in_f, out_f, r, dtype, device)
-                check_agreement(case, scaling)
-                for mode in ("fwd", "fwd+bwd"):
-                    result = {"tokens": tokens, "in": in_f, "out": out_f, "r": r, "mode": mode}
-                    for provider in ("base", "unfused", "fused"):
-                        med, p20, p80, peak = measure(make_fns(provider, mode, *case, scaling))
-                        result[provider] = (med, p20, p80, peak)
-                        result[provider + "_tflops"] = flops(mode, provider, tokens, in_f, out_f, r) / med / 1e9
-                    rows.append(result)
-                    print(format_row(result), flush=True)
-                del case
-                if ON_GPU:
-                    torch.cuda.empty_cache()
-    write_results(rows, args.out, dtype)
+    bench = build_benchmark(device, dtype, scaling, plot_tokens=max(tokens_list))
+    cases = [{"tokens": tokens, "in": in_f, "out": out_f, "r": r, "mode": mode}
+             for tokens in tokens_list for in_f, out_f in shapes for r in ranks for mode in ("fwd", "fwd+bwd")]
+    results = bench.run(cases)
+    print(bench.table(results))
+    bench.write(results, args.out, summary=summarize(results))
 
 
-def format_row(row):
-    b, u, f = (row[p][0] for p in ("base", "unfused", "fused"))
-    return (f"tokens={row['tokens']:6d} in={row['in']:5d} out={row['out']:5d} r={row['r']:3d} {row['mode']:8s} "
-            f"base {b:8.3f} ms  unfused {u:8.3f} ms  fused {f:8.3f} ms  "
-            f"fused/base {f / b:5.2f}x  unfused/fused {u / f:5.2f}x")
+def summarize(results):
+    """Per case: fused / base and unfused / fused times (✓ where a fwd+bwd goal holds), and the goal counts."""
+    def median(case, name):
+        return next((r.median for r in results if r.case == case and r.provider == name and r.ok), None)
 
-
-def write_results(rows, out_dir, dtype):
-    os.makedirs(out_dir, exist_ok=True)
-    tag = device_tag()
-    device_name = torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-    header = [
-        f"# LoRA linear benchmark: {tag}",
-        "",
-        f"- device: {device_name}",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}",
-        f"- dtype {str(dtype).replace('torch.', '')}, with bias, LoRA dropout 0; times are medians "
-        "(triton.testing.do_bench on the GPU) in ms, [20th, 80th] percentiles",
-        "- base = frozen linear alone (its backward computes dX only); unfused = PEFT's lora.Linear order; "
-        "fused = scratchformer lora_linear",
-        f"- TFLOP/s count each provider's own FLOPs; ceiling about {CEILING_TFLOPS:.0f} (bf16 matmul, H200)",
-        "- peak = extra peak memory of one call in MiB (outputs and autograd state included)",
-        f"- goals: fused fwd+bwd <= {GOAL_VS_BASE:.2f}x base; unfused / fused >= {GOAL_VS_UNFUSED:.1f}x",
-        "",
-        "| tokens | in | out | r | mode | base ms | unfused ms | fused ms | fused TFLOP/s | fused / base | "
-        "unfused / fused | peak MiB base / unfused / fused |",
-        "|---:|---:|---:|---:|:--|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines = []
-    for row in rows:
-        b, u, f = (row[p] for p in ("base", "unfused", "fused"))
-        peak = " / ".join("n/a" if p[3] is None else f"{p[3]:.0f}" for p in (b, u, f))
-        vs_base, vs_unfused = f[0] / b[0], u[0] / f[0]
-        mark_base = " ✓" if row["mode"] == "fwd+bwd" and vs_base <= GOAL_VS_BASE else ""
-        mark_unfused = " ✓" if row["mode"] == "fwd+bwd" and vs_unfused >= GOAL_VS_UNFUSED else ""
-        lines.append(
-            f"| {row['tokens']} | {row['in']} | {row['out']} | {row['r']} | {row['mode']} | "
-            f"{b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] | {u[0]:.3f} [{u[1]:.3f}, {u[2]:.3f}] | "
-            f"{f[0]:.3f} [{f[1]:.3f}, {f[2]:.3f}] | {row['fused_tflops']:.0f} | {vs_base:.2f}x{mark_base} | "
-            f"{vs_unfused:.2f}x{mark_unfused} | {peak} |"
-        )
-    full = [r for r in rows if r["mode"] == "fwd+bwd"]
-    held_base = sum(r["fused"][0] / r["base"][0] <= GOAL_VS_BASE for r in full)
-    held_unfused = sum(r["unfused"][0] / r["fused"][0] >= GOAL_VS_UNFUSED for r in full)
-    summary = [
-        "",
-        f"fwd+bwd goal fused <= {GOAL_VS_BASE:.2f}x base holds in {held_base} of {len(full)} cases; "
-        f"unfused/fused >= {GOAL_VS_UNFUSED:.1f}x holds in {held_unfused} of {len(full)} (marked ✓).",
-    ]
+    summary = ["| tokens | in | out | r | mode | fused / base | unfused / fused |", "|---:|---:|---:|---:|:--|---:|---:|"]
+    held_base = held_unfused = full = 0
+    for case in dict.fromkeys(tuple(r.case.items()) for r in results):
+        case = dict(case)
+        b, u, f = (median(case, name) for name in PROVIDERS)
+        if None in (b, u, f):
+            continue
+        vs_base, vs_unfused = f / b, u / f
+        goal = case["mode"] == "fwd+bwd"
+        full += goal
+        held_base += goal and vs_base <= GOAL_VS_BASE
+        held_unfused += goal and vs_unfused >= GOAL_VS_UNFUSED
+        summary.append(f"| {case['tokens']} | {case['in']} | {case['out']} | {case['r']} | {case['mode']} | "
+                       f"{vs_base:.2f}x{' ✓' if goal and vs_base <= GOAL_VS_BASE else ''} | "
+                       f"{vs_unfused:.2f}x{' ✓' if goal and vs_unfused >= GOAL_VS_UNFUSED else ''} |")
+    summary += ["", f"fwd+bwd goal fused <= {GOAL_VS_BASE:.2f}x base holds in {held_base} of {full} cases; "
+                    f"unfused/fused >= {GOAL_VS_UNFUSED:.1f}x holds in {held_unfused} of {full} (marked ✓)."]
     if not ON_GPU:
         summary.append("CPU run under the Triton interpreter: times say nothing about GPU speed; "
                        "this only keeps the script from rotting.")
-    md_path = os.path.join(out_dir, f"lora_{tag}.md")
-    with open(md_path, "w") as fh:
-        fh.write("\n".join(header + lines + summary) + "\n")
     print("\n".join(summary))
-    print(f"wrote {md_path}")
-    plot(rows, os.path.join(out_dir, f"lora_{tag}.png"), tag)
-
-
-def plot(rows, path, tag):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=False)
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        sel = [r for r in rows if r["mode"] == mode]
-        labels = [f"{r['tokens'] // 1024 if r['tokens'] >= 1024 else r['tokens']}{'K' if r['tokens'] >= 1024 else ''}"
-                  f" {r['in']}x{r['out']} r{r['r']}" for r in sel]
-        xs = range(len(sel))
-        for i, provider in enumerate(("unfused", "fused")):
-            ratio = [r[provider][0] / r["base"][0] for r in sel]
-            ax.bar([x + (i - 0.5) * 0.4 for x in xs], ratio, width=0.4, label=provider)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        if mode == "fwd+bwd":
-            ax.axhline(GOAL_VS_BASE, color="red", linestyle="--", linewidth=0.8, label=f"goal {GOAL_VS_BASE}x")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, rotation=70, fontsize=7)
-        ax.set_ylabel("time / frozen base linear")
-        ax.set_title(f"LoRA linear {mode} ({tag})")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    return summary
 
 
 if __name__ == "__main__":

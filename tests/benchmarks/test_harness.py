@@ -77,3 +77,23 @@ def test_provider_names_are_unique():
     bench = make_bench()
     with pytest.raises(ValueError):
         bench.provider("fast")(lambda case: None)
+
+
+def test_grad_to_none_resets_gradients_before_each_timed_run():
+    import torch
+
+    x = torch.ones(3, requires_grad=True)
+    bench = Benchmark("grads", warmup=2, repeats=4)
+    seen = []
+
+    @bench.provider("backward")
+    def backward(case):
+        def run():
+            seen.append(x.grad is None)
+            (x * 2).sum().backward()
+
+        run.grad_to_none = [x]
+        return run
+
+    [result] = bench.run([{"n": 1}], verbose=False)
+    assert result.ok and seen == [True, False] + [True] * 4  # warm-up calls accumulate; timed runs start clean
