@@ -7,6 +7,7 @@ code. Gradients are synchronised only on the last micro-step of an accumulated s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ class DistributedContext:
             if backend == "nccl":
                 torch.cuda.set_device(ctx.local_rank)
             dist.init_process_group(backend=backend)
+            # Tear the group down before the interpreter exits: a gloo group left alive at exit can abort the
+            # process ("terminate called without an active exception") when its threads are destroyed.
+            atexit.register(_destroy_process_group)
         return ctx
 
     @property
@@ -67,6 +71,11 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class ShardedBatches:

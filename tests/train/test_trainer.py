@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,13 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
+def _free_port() -> int:
+    """A port nobody listens on now, so that two runs of this test (or anything else) never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(hf_tiny, tmp_path):
     """Two gloo processes with one batch each per step equal one process accumulating both batches."""
@@ -252,7 +260,7 @@ def test_ddp_two_processes_equal_one(hf_tiny, tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    for command in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    for command in ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                      str(script), str(folder), str(tmp_path / "ddp"), "1", str(tmp_path / "ddp.json")],
                     [sys.executable, str(script), str(folder), str(tmp_path / "one"), "2", str(tmp_path / "one.json")]):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
