@@ -239,7 +239,7 @@ def linear_cross_entropy(
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     out_dtype = loss_dtype if loss_dtype is not None else (torch.float32 if autocast else hidden.dtype)
     h2d = hidden.reshape(-1, hidden.shape[-1])
-    labels_flat = labels.reshape(-1)
+    labels_flat = labels.reshape(-1).contiguous()  # the kernel reads labels[row] at unit stride
     tokens, vocab = h2d.shape[0], weight.shape[0]
     if tokens == 0:
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, bias).to(out_dtype)

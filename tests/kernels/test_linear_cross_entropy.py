@@ -106,6 +106,18 @@ def test_3d_hidden_and_none_shape(device):
     assert_close(ours, ref, TOLERANCE[torch.float32])
 
 
+def test_strided_inputs(device):
+    """Views that are not contiguous (every other token, a transposed [seq, batch] layout) give the
+    reference's loss and gradients: the kernel reads labels[row] at unit stride, so they are packed first."""
+    hidden, weight, bias, labels = make_inputs((26,), 24, 200, torch.float32, device, bias=True)
+    assert not labels[::2].is_contiguous() and labels[::2].reshape(-1).stride() == (2,)
+    ours, ref = run_both(hidden[::2], weight, bias, labels[::2], "mean", chunk_size=4)
+    assert_close(ours, ref, TOLERANCE[torch.float32])
+    hidden, weight, _, labels = make_inputs((5, 3), 24, 200, torch.float32, device)
+    ours, ref = run_both(hidden.transpose(0, 1), weight, None, labels.transpose(0, 1), "none", chunk_size=7)
+    assert_close(ours, ref, TOLERANCE[torch.float32])
+
+
 def test_chunk_size_does_not_change_the_result(device):
     hidden, weight, _, labels = make_inputs((13,), 24, 200, torch.float32, device)
     losses = [linear_cross_entropy(hidden, weight, labels, chunk_size=c) for c in (1, 4, 13, 64)]
