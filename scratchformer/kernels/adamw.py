@@ -92,6 +92,68 @@ def _store_rounded(ptr, offs, x, mask):
 
 
 @triton.jit
+def _adamw_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, grad_scale_ptr, offs, mask,
+    lr, decay, lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+):
+    """The update of one block of elements `offs` of one tensor; `mask` is None for a full block.
+
+    Masked-off lanes load undefined values and are never stored, so no `other` is needed."""
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+    if MAXIMIZE:
+        g = -g
+    if MASTER:
+        w = tl.load(w_ptr + offs, mask=mask)
+    else:
+        w = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+
+    # Decoupled weight decay, then the moments (torch's lerp picks its formula by the weight's size).
+    w = w * decay
+    if lerp_weight < 0.5:
+        m = m + lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - lerp_weight)
+    v = v * beta2
+    v = v + one_minus_beta2 * g * g
+
+    step = tl.load(step_ptr)
+    step_size = tl.div_rn(lr, _one_minus_pow(log_beta1, step))
+    bias_correction2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, step))
+    if AMSGRAD:
+        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(tl.float32), v)
+        _store_rounded(vmax_ptr, offs, vmax, mask)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    w = w + (-step_size) * tl.div_rn(m, denom)
+
+    _store_rounded(m_ptr, offs, m, mask)
+    _store_rounded(v_ptr, offs, v, mask)
+    if MASTER:
+        tl.store(w_ptr + offs, w, mask=mask)
+    _store_rounded(p_ptr, offs, w, mask)
+
+
+@triton.jit
+def _typed_pointer(table_ptr, row, num_tensors, t, like, ALIGNED: tl.constexpr):
+    """The address in row `row`, column `t` of the pointer table, as a pointer to `like`'s element type.
+
+    ALIGNED (every address in the table is a multiple of 16 bytes, checked on the host) tells the compiler
+    so: an address loaded from memory carries no alignment information, and without it every load and store
+    is a scalar 4-byte access instead of a 16-byte vector one.
+    """
+    ptr = tl.load(table_ptr + row * num_tensors + t).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _adamw_kernel(
     table_ptr,  # int64 [7, num_tensors]: addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, step
     numel_ptr,  # int64 [num_tensors]: elements per tensor
@@ -116,65 +178,40 @@ def _adamw_kernel(
     MASTER: tl.constexpr,  # the fp32 master copy is the weight; the parameter gets its rounded value
     HAS_FOUND_INF: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid)
-    start = tl.load(block_start_ptr + pid)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)  # blocks start at multiples of BLOCK
     n = tl.load(numel_ptr + t)
     if HAS_FOUND_INF:
         # A skipped step masks every load and store off: no traffic, no change, no host round trip.
         n = tl.where(tl.load(found_inf_ptr) == 0.0, n, 0)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
 
-    p_ptr = tl.load(table_ptr + _PARAM * num_tensors + t).to(tl.pointer_type(param_like.dtype.element_ty))
-    g_ptr = tl.load(table_ptr + _GRAD * num_tensors + t).to(tl.pointer_type(grad_like.dtype.element_ty))
-    m_ptr = tl.load(table_ptr + _EXP_AVG * num_tensors + t).to(tl.pointer_type(state_like.dtype.element_ty))
-    v_ptr = tl.load(table_ptr + _EXP_AVG_SQ * num_tensors + t).to(tl.pointer_type(state_like.dtype.element_ty))
+    p_ptr = _typed_pointer(table_ptr, _PARAM, num_tensors, t, param_like, ALIGNED)
+    g_ptr = _typed_pointer(table_ptr, _GRAD, num_tensors, t, grad_like, ALIGNED)
+    m_ptr = _typed_pointer(table_ptr, _EXP_AVG, num_tensors, t, state_like, ALIGNED)
+    v_ptr = _typed_pointer(table_ptr, _EXP_AVG_SQ, num_tensors, t, state_like, ALIGNED)
+    vmax_ptr = m_ptr  # read only when AMSGRAD
+    if AMSGRAD:
+        vmax_ptr = _typed_pointer(table_ptr, _MAX_EXP_AVG_SQ, num_tensors, t, state_like, ALIGNED)
+    w_ptr = found_inf_ptr  # fp32; read only when MASTER
+    if MASTER:
+        w_ptr = _typed_pointer(table_ptr, _MASTER, num_tensors, t, found_inf_ptr, ALIGNED)
     step_ptr = tl.load(table_ptr + _STEP * num_tensors + t).to(tl.pointer_type(tl.float32))
 
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = tl.div_rn(g, tl.load(grad_scale_ptr))
-    if MAXIMIZE:
-        g = -g
-    if MASTER:
-        w_ptr = tl.load(table_ptr + _MASTER * num_tensors + t).to(tl.pointer_type(tl.float32))
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    # Every block but each tensor's last is full: its loads and stores need no mask, which lets the compiler
+    # emit vector accesses (a mask only known at run time forces per-element predicates).
+    if start + BLOCK <= n:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, grad_scale_ptr, offs, None,
+                     lr, decay, lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
+                     AMSGRAD, MAXIMIZE, MASTER, HAS_GRAD_SCALE)
     else:
-        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-    # Decoupled weight decay, then the moments (torch's lerp picks its formula by the weight's size).
-    w = w * decay
-    if lerp_weight < 0.5:
-        m = m + lerp_weight * (g - m)
-    else:
-        m = g - (g - m) * (1.0 - lerp_weight)
-    v = v * beta2
-    v = v + one_minus_beta2 * g * g
-
-    step = tl.load(step_ptr)
-    step_size = tl.div_rn(lr, _one_minus_pow(log_beta1, step))
-    bias_correction2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, step))
-    if AMSGRAD:
-        vmax_ptr = tl.load(table_ptr + _MAX_EXP_AVG_SQ * num_tensors + t).to(
-            tl.pointer_type(state_like.dtype.element_ty)
-        )
-        vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-        _store_rounded(vmax_ptr, offs, vmax, mask)
-        denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
-    else:
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    w = w + (-step_size) * tl.div_rn(m, denom)
-
-    _store_rounded(m_ptr, offs, m, mask)
-    _store_rounded(v_ptr, offs, v, mask)
-    if MASTER:
-        tl.store(w_ptr + offs, w, mask=mask)
-    _store_rounded(p_ptr, offs, w, mask)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, step_ptr, grad_scale_ptr, offs, offs < n,
+                     lr, decay, lerp_weight, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
+                     AMSGRAD, MAXIMIZE, MASTER, HAS_GRAD_SCALE)
 
 
 @triton.jit
@@ -186,16 +223,19 @@ def _reduce_kernel(
     x_like,  # first tensor: only its element type is used
     out_ptr,  # MODE 0/1: fp32 [num_blocks] partial results; MODE 2: fp32 [1] found_inf flag
     MODE: tl.constexpr,  # 0: sum of squares, 1: max of |x|, 2: set the flag to 1 if any x is inf/NaN
+    ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(block_tensor_ptr + pid)
-    start = tl.load(block_start_ptr + pid)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
     n = tl.load(numel_ptr + t)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
-    x_ptr = tl.load(table_ptr + t).to(tl.pointer_type(x_like.dtype.element_ty))
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_ptr = _typed_pointer(table_ptr, 0, 1, t, x_like, ALIGNED)
+    if start + BLOCK <= n:  # a full block: unmasked (vector) loads, as in _adamw_kernel
+        x = tl.load(x_ptr + offs).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     if MODE == 0:
         tl.store(out_ptr + pid, tl.sum(x * x, axis=0))
     elif MODE == 1:
@@ -212,7 +252,8 @@ def _reduce_kernel(
 # ----------------------------------------------------------------------------------------------------------
 def _launch_table(rows: list[list[torch.Tensor | None]], block: int, cache: dict | None, key_rows: int = 2,
                   validate=None):
-    """Device tables for one multi-tensor launch: (addresses [len(rows), T], numels [T], block map x2, blocks).
+    """Device tables for one multi-tensor launch: (addresses [len(rows), T], numels [T], block map x2, blocks,
+    aligned), where `aligned` says every address is a multiple of 16 bytes (the kernels' ALIGNED).
 
     rows: lists of T tensors each (None entries become address 0: rows a kernel variant never reads).
     The first row defines the element counts. Everything is packed into one int64 tensor and copied with a
@@ -248,6 +289,7 @@ def _launch_table(rows: list[list[torch.Tensor | None]], block: int, cache: dict
         packed[n_ptr + num_tensors : n_ptr + num_tensors + n_blocks],
         packed[n_ptr + num_tensors + n_blocks :],
         n_blocks,
+        all(p % 16 == 0 for p in ptrs),  # torch's allocations are; views at odd offsets may not be
     )
     if cache is not None:
         cache["key"] = key
@@ -332,7 +374,7 @@ def fused_adamw_(
         master_params if master_params is not None else [None] * len(params),
         state_steps,
     ]
-    table, numels, block_tensor, block_start, n_blocks = _launch_table(rows, block, cache, validate=validate)
+    table, numels, block_tensor, block_start, n_blocks, aligned = _launch_table(rows, block, cache, validate=validate)
 
     torch._foreach_add_(state_steps, 1.0)
     dummy = state_steps[0]
@@ -360,6 +402,7 @@ def fused_adamw_(
         MASTER=master_params is not None,
         HAS_FOUND_INF=found_inf is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
+        ALIGNED=aligned,
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -368,12 +411,13 @@ def fused_adamw_(
 
 
 def _reduce(tensors: list[torch.Tensor], mode: int, out: torch.Tensor | None, block: int, cache: dict | None):
-    table, numels, block_tensor, block_start, n_blocks = _launch_table(
+    table, numels, block_tensor, block_start, n_blocks, aligned = _launch_table(
         [tensors], block, cache, key_rows=1, validate=lambda: _check_list("tensors", tensors, tensors))
     if out is None:
         out = torch.empty(n_blocks, dtype=torch.float32, device=tensors[0].device)
     _reduce_kernel[(n_blocks,)](
-        table, numels, block_tensor, block_start, tensors[0], out, MODE=mode, BLOCK=block, num_warps=4
+        table, numels, block_tensor, block_start, tensors[0], out, MODE=mode, ALIGNED=aligned, BLOCK=block,
+        num_warps=4,
     )
     return out
 
