@@ -59,7 +59,7 @@ def get_tokenizer_dir(work: Path, corpus: Path) -> Path:
         from scratchformer.tokenize import iter_documents, train_tokenizer
 
         docs = [d for _, d in zip(range(20000), iter_documents(corpus))]
-        tok = train_tokenizer(docs, kind="bpe", vocab_size=4000)
+        tok = train_tokenizer(texts=docs, kind="bpe", vocab_size=4000)
         return tok.save_pretrained(work / "bpe")
 
 

@@ -9,19 +9,21 @@ Two recipes, the two families the engine runs:
 The result is a `Tokenizer`; `save_pretrained(folder)` writes `tokenizer.json` + `tokenizer_config.json`
 that both our `Tokenizer` and transformers' `AutoTokenizer` load with identical ids.
 
-    tok = train_tokenizer(["corpus.txt"], kind="bpe", vocab_size=8000)
+    tok = train_tokenizer(["corpus.txt"], kind="bpe", vocab_size=8000)      # files: each must exist
+    tok = train_tokenizer(texts=["some text", "more text"], kind="bpe", vocab_size=300)  # raw text
     tok.save_pretrained("my-tokenizer")
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Iterable, Iterator, Sequence
 
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
-from scratchformer.tokenize.readers import iter_documents
+from scratchformer.tokenize.readers import SUFFIXES, iter_documents
 from scratchformer.tokenize.tokenizer import Tokenizer
 
 BPE_SPECIALS = ["<|endoftext|>"]
@@ -29,8 +31,9 @@ WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_tokenizer(
-    data: Iterable[str] | Sequence[str | os.PathLike],
+    data: Iterable[str | os.PathLike] | None = None,
     *,
+    texts: Iterable[str] | None = None,
     kind: str = "bpe",
     vocab_size: int = 8000,
     min_frequency: int = 2,
@@ -43,8 +46,11 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a tokenizer on `data` and return it (save it with `.save_pretrained(folder)`).
 
-    data: a list of file paths (.txt / .jsonl / .csv, read with `iter_documents`; `text_field` and
-        `txt_split` are passed on), or any iterable of text strings.
+    data: file paths (.txt / .jsonl / .csv, read with `iter_documents`; `text_field` and `txt_split` are
+        passed on). Every one must exist, or FileNotFoundError names the missing ones. For backwards
+        compatibility `data` may also be texts, but only when none of them looks like a path (see
+        `_looks_like_path`); otherwise the whole of `data` is read as paths.
+    texts: raw text strings, used as they are and never taken for file names (give `data` or `texts`).
     kind: "bpe" (byte-level, GPT-2 style) or "wordpiece" (BERT style).
     vocab_size: size of the final vocabulary, special tokens and (for BPE) the 256 byte symbols included.
     special_tokens: extra special tokens appended after the family's own (listed in the module docstring).
@@ -57,7 +63,7 @@ def train_tokenizer(
     minimum = len(specials) + (256 if kind == "bpe" else 1)
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         raise ValueError(f"vocab_size must be an int of at least {minimum} for kind={kind!r}, got {vocab_size!r}")
-    texts = _texts(data, text_field=text_field, txt_split=txt_split)
+    texts = _training_texts(data, texts, text_field=text_field, txt_split=txt_split)
 
     if kind == "bpe":
         rust = _RustTokenizer(models.BPE())
@@ -112,19 +118,83 @@ def train_tokenizer(
     )
 
 
-def _texts(data, *, text_field: str, txt_split: str) -> Iterator[str]:
-    if isinstance(data, (str, os.PathLike)):
-        raise TypeError("data must be a list of file paths or an iterable of texts, not a single path/str")
-    items = list(data) if isinstance(data, (list, tuple)) else data
-    if isinstance(items, list) and items and all(isinstance(p, os.PathLike) or (
-            isinstance(p, str) and os.path.isfile(p)) for p in items):
-        for path in items:
-            yield from iter_documents(path, text_field=text_field, txt_split=txt_split)
+def _looks_like_path(item) -> bool:
+    """Whether an item of `data` names a file rather than being a text.
+
+    PathLike objects are paths. A string is one when it names an existing file, ends in a data suffix
+    (.txt / .jsonl / .csv), or contains a path separator and no whitespace ("data/corpus"). The last rule
+    wants no whitespace because real texts often contain a slash ("and/or", "km/h") and almost always a
+    space; a text on several lines is never a path.
+    """
+    if isinstance(item, os.PathLike):
+        return True
+    if not isinstance(item, str) or not item or "\n" in item or "\r" in item:
+        return False
+    if item.lower().endswith(SUFFIXES):
+        return True
+    separators = [os.sep] + ([os.altsep] if os.altsep else [])
+    if any(sep in item for sep in separators) and not any(c.isspace() for c in item):
+        return True
+    # Long strings are texts: no path is longer than PATH_MAX, and the stat would be wasted.
+    return len(item) <= 4096 and os.path.isfile(item)
+
+
+def _training_texts(data, texts, *, text_field: str, txt_split: str) -> Iterator[str]:
+    """The texts to train on, from file paths (`data`) or raw strings (`texts`).
+
+    Paths are checked up front, before training starts, so a typo fails at once and by name instead of
+    turning the list into texts (which an earlier version did: ["a.txt", "missing.txt"] trained on the
+    two file names).
+    """
+    if (data is None) == (texts is None):
+        raise TypeError("give exactly one of data= (file paths) and texts= (raw text strings)")
+    if texts is not None:
+        if isinstance(texts, (str, bytes, os.PathLike)):
+            raise TypeError("texts must be an iterable of strings, not a single str or path")
+        return _strings(texts, "texts", check_paths=False)
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise TypeError("data must be a list of file paths, not a single path or str: write [path]")
+    if isinstance(data, (list, tuple)):
+        items = list(data)
     else:
-        for i, t in enumerate(items):
-            if not isinstance(t, str):
-                raise TypeError(f"data[{i}] must be a str (a text) or a file path, got {type(t).__name__}")
-            yield t
+        # An iterator is decided on its first item: a path means a list of paths (small: read it all and
+        # check it up front); anything else means a stream of texts, which is not materialised.
+        it = iter(data)
+        head = list(itertools.islice(it, 1))
+        if not (head and _looks_like_path(head[0])):
+            return _strings(itertools.chain(head, it), "data", check_paths=True)
+        items = head + list(it)
+    first_path = next((p for p in items if _looks_like_path(p)), None)
+    if first_path is None:
+        return _strings(items, "data", check_paths=False)  # texts, each one checked just now
+    return _files(items, first_path, text_field=text_field, txt_split=txt_split)
+
+
+def _files(paths: list, first_path, *, text_field: str, txt_split: str) -> Iterator[str]:
+    for i, p in enumerate(paths):
+        if not isinstance(p, (str, os.PathLike)):
+            raise TypeError(f"data[{i}] must be a file path (str or os.PathLike), got {type(p).__name__}")
+    missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(repr(m if len(m) <= 80 else m[:77] + "...") for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(
+            f"train_tokenizer: {len(missing)} of {len(paths)} data files not found: {shown}{more} "
+            f"(data is read as file paths because {os.fspath(first_path)!r} looks like one; "
+            f"pass raw text as texts=[...])"
+        )
+    return (doc for p in paths for doc in iter_documents(p, text_field=text_field, txt_split=txt_split))
+
+
+def _strings(items: Iterable, name: str, *, check_paths: bool) -> Iterator[str]:
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise TypeError(f"{name}[{i}] must be a str (a text) or a file path, got {type(t).__name__}")
+        if check_paths and _looks_like_path(t):
+            raise ValueError(f"{name}[{i}] = {t[:80]!r} looks like a file path, but {name} is being read as "
+                             f"texts (its first item is not a path): pass files as a list of paths and "
+                             f"raw text as texts=")
+        yield t
 
 
 class _Counting:

@@ -70,3 +70,73 @@ def test_train_errors(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer([empty], kind="bpe", vocab_size=300)
+
+
+def _random_texts(seed, n=40):
+    """Fresh random sentences (different every seed) over a small alphabet, so BPE has pairs to merge."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 6))) for _ in range(30)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+def test_paths_must_all_exist_and_are_never_read_as_text(tmp_path, monkeypatch):
+    import os
+    import random
+
+    seed = random.randrange(1 << 30)
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(_random_texts(seed)) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # relative names resolve here
+    # One existing file next to missing ones: the whole list is paths, and every missing one is named.
+    for data in (["good.txt", "missing.txt"], [good, tmp_path / "gone.jsonl"], ["good.txt", "sub/corpus"],
+                 (p for p in ["good.txt", "nope.csv"])):
+        with pytest.raises(FileNotFoundError) as e:
+            train_tokenizer(data, kind="bpe", vocab_size=300)
+        missing = [os.fspath(p) for p in (data if isinstance(data, list) else ["nope.csv"]) if "good" not in str(p)]
+        for m in missing:
+            assert repr(m) in str(e.value) and "texts=" in str(e.value), (seed, str(e.value))
+    # Nothing exists: still paths (a suffix, a separator, a PathLike), not a corpus of two file names.
+    for data in (["a.txt", "b.txt"], ["data/corpus"], [tmp_path / "x"]):
+        with pytest.raises(FileNotFoundError, match="not found"):
+            train_tokenizer(data, kind="bpe", vocab_size=300)
+    # A text among paths is reported as a missing file, with the hint to use texts=.
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 data files not found: 'just some words'"):
+        train_tokenizer(["good.txt", "just some words"], kind="bpe", vocab_size=300)
+    # A stream of texts that turns out to hold a path fails instead of training on the name.
+    with pytest.raises(ValueError, match=r"data\[2\] = 'good.txt' looks like a file path"):
+        train_tokenizer(iter(["one text", "two texts", "good.txt"]), kind="bpe", vocab_size=300)
+    with pytest.raises(TypeError, match="exactly one of data"):
+        train_tokenizer(["good.txt"], texts=["x"], kind="bpe", vocab_size=300)
+    with pytest.raises(TypeError, match="exactly one of data"):
+        train_tokenizer(kind="bpe", vocab_size=300)
+    with pytest.raises(TypeError, match="not a single path"):
+        train_tokenizer("good.txt", kind="bpe", vocab_size=300)
+    with pytest.raises(TypeError, match=r"data\[1\] must be a file path"):
+        train_tokenizer(["good.txt", 3], kind="bpe", vocab_size=300)
+
+
+def test_files_texts_and_iterators_train_the_same_tokenizer(tmp_path):
+    import random
+
+    seed = random.randrange(1 << 30)
+    docs = _random_texts(seed, n=60)
+    (tmp_path / "a.txt").write_text("\n".join(docs[:30]) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n".join(docs[30:]) + "\n", encoding="utf-8")
+    kw = dict(kind="bpe", vocab_size=300, min_frequency=1)
+    reference = train_tokenizer([tmp_path / "a.txt", str(tmp_path / "b.txt")], **kw).get_vocab()
+    for data in ((p for p in [tmp_path / "a.txt", tmp_path / "b.txt"]), docs, iter(docs)):
+        assert train_tokenizer(data, **kw).get_vocab() == reference, seed  # lists of texts: backwards compatible
+    assert train_tokenizer(texts=docs, **kw).get_vocab() == reference, seed
+
+
+def test_texts_are_never_opened(tmp_path):
+    # A file whose content would dominate the merges if it were read: texts= must take its name as text.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("zzzzqqqq " * 2000 + "\n", encoding="utf-8")
+    docs = _random_texts(0, n=60)
+    kw = dict(kind="bpe", vocab_size=300, min_frequency=1)
+    as_text = train_tokenizer(texts=docs + [str(secret), "km/h", "see notes.txt"], **kw).get_vocab()
+    as_file = train_tokenizer([secret], **kw).get_vocab()
+    assert "zzzz" in as_file and "zzzz" not in as_text
