@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,8 @@ class LoadReport:
 
     new: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    # (our parameter, shape in the file, shape in the model), re-initialised under ignore_mismatched_sizes
+    mismatched: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
 
 
 def module_table(model) -> dict[str, tuple[str, str, bool]]:
@@ -208,10 +211,17 @@ def match_keys(model, keys, prefix: str | None = None) -> KeyMatch:
     return match
 
 
-def load_weights(model, folder: Path) -> LoadReport:
+def load_weights(model, folder: Path, ignore_mismatched_sizes: bool = False) -> LoadReport:
     """Fill `model`'s parameters (already allocated on their device and dtype) from the checkpoint in `folder`.
 
-    Raises CheckpointError naming the file and key for a missing body weight, a shape mismatch or a corrupt file.
+    Two passes. The first reads only the safetensors headers and checks everything: no body weight missing,
+    every key in the shard the index names, every shape the model's. Only then does the second read the
+    tensors, one at a time, each copied straight into its parameter (cast to its dtype and device), so the
+    checkpoint never sits in memory next to the model and a bad file leaves no half-loaded model behind.
+
+    A shape mismatch raises CheckpointError naming the file, the key and both shapes. With
+    `ignore_mismatched_sizes=True` (HF's flag of the same name, for a head resized with `num_labels`) the
+    parameter is left for the caller to initialise and listed in `LoadReport.mismatched`.
     """
     family = model.config.model_type
     prefix = BODY_PREFIX[family]
@@ -227,30 +237,51 @@ def load_weights(model, folder: Path) -> LoadReport:
         where = sorted({str(available_file) for available_file in set(files.values())})
         raise CheckpointError(f"{', '.join(where)}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     report = LoadReport(new=match.new, unexpected=match.unexpected)
-    plan = match.plan
 
     by_file: dict[Path, list] = {}
-    for name, hf_key, transpose in plan:
+    for name, hf_key, transpose in match.plan:
         by_file.setdefault(available[hf_key][0], []).append((name, available[hf_key][1], transpose))
+
+    to_read: dict[Path, list] = {}  # first pass: headers only
     for file, entries in by_file.items():
         if not file.is_file():
             raise CheckpointError(f"{file}: shard named in {INDEX_NAME} does not exist")
-        try:
-            with safe_open(file, framework="pt") as f, torch.no_grad():
-                for name, key, transpose in entries:
-                    tensor = f.get_tensor(key)
-                    if transpose:
-                        tensor = tensor.t()
-                    param = params[name]
-                    if tensor.shape != param.shape:
-                        raise CheckpointError(
-                            f"{file}: key {key!r} has shape {list(tensor.shape)}, the model expects "
-                            f"{list(param.shape)}{' (after transposing Conv1D)' if transpose else ''}"
-                        )
-                    param.copy_(tensor)  # casts to the parameter's dtype and device in place
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+        with _reading(file) as f:
+            held = set(f.keys())
+            for name, key, transpose in entries:
+                if key not in held:  # else safetensors' own error would blame the shard, not the index
+                    raise CheckpointError(f"index {folder / INDEX_NAME} maps {key!r} to {file.name}, "
+                                          f"which does not hold it")
+                shape = f.get_slice(key).get_shape()
+                shape = shape[::-1] if transpose else shape
+                expected = list(params[name].shape)
+                if shape == expected:
+                    to_read.setdefault(file, []).append((name, key, transpose))
+                elif ignore_mismatched_sizes:
+                    report.mismatched.append((name, shape, expected))
+                else:
+                    raise CheckpointError(
+                        f"{file}: key {key!r} has shape {shape}, the model expects {expected}"
+                        f"{' (after transposing Conv1D)' if transpose else ''}; if the model is meant to differ "
+                        f"here (e.g. a new num_labels), pass ignore_mismatched_sizes=True to initialise it anew"
+                    )
+
+    for file, entries in to_read.items():  # second pass: one tensor at a time, straight into its parameter
+        with _reading(file) as f, torch.no_grad():
+            for name, key, transpose in entries:
+                tensor = f.get_tensor(key)
+                params[name].copy_(tensor.t() if transpose else tensor)  # casts dtype and device in place
     return report
+
+
+@contextmanager
+def _reading(file: Path):
+    """`safe_open(file)`, with any error it or a read raises turned into a CheckpointError naming the file."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 # ---- writing -------------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class ModelConfig:
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
+        if self.num_labels < 1:
+            raise ConfigError(f"num_labels must be at least 1, got {self.num_labels}")
 
     @property
     def head_dim(self) -> int:
@@ -221,9 +223,27 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=str(path))
 
     def replace(self, **overrides) -> ModelConfig:
-        """A copy with some fields changed (the `**overrides` of `from_pretrained`)."""
+        """A copy with some fields changed (the `**overrides` of `from_pretrained`).
+
+        An explicit override always wins over what the file says. `num_labels` and `id2label` are tied
+        together, so they are resolved as transformers resolves them:
+
+        - `num_labels=n` alone, when the file's `id2label` has another length: the label names cannot be kept,
+          so `id2label` becomes HF's generic `{0: "LABEL_0", ..., n-1: "LABEL_{n-1}"}` (and `label2id` with it,
+          as `to_hf_dict` derives it). Loading a checkpoint whose head has another size then fails on the head
+          shape unless `ignore_mismatched_sizes=True` (see `PreTrainedModel.from_pretrained`).
+        - `id2label=...` alone: `num_labels` follows its length.
+        - both, disagreeing: a ConfigError naming both (there is no right answer to pick silently).
+        """
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(names)}")
-        return ModelConfig(**{**asdict(self), **overrides})
+        values = {**asdict(self), **overrides}
+        num_labels, id2label = overrides.get("num_labels"), overrides.get("id2label")
+        if num_labels is not None and id2label is not None and len(id2label) != num_labels:
+            raise ConfigError(f"num_labels={num_labels} disagrees with the {len(id2label)} labels of id2label={id2label}")
+        if num_labels is not None and id2label is None and self.id2label is not None and len(self.id2label) != num_labels:
+            # __post_init__ would otherwise let the file's id2label overrule the explicit num_labels.
+            values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+        return ModelConfig(**values)

@@ -57,27 +57,38 @@ class PreTrainedModel(nn.Module):
         return model.to(device=device, dtype=_dtype(dtype))
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, attention="auto", **overrides):
+    def from_pretrained(cls, path, *, dtype=None, device=None, attention="auto", ignore_mismatched_sizes=False,
+                        **overrides):
         """Load an HF checkpoint folder (config.json + model.safetensors or a sharded index).
 
         dtype: torch dtype or name ("float32", "bf16", ...; default float32). device: where the weights go.
-        attention: "auto" | "eager" | "sdpa" | "triton". overrides: ModelConfig fields (e.g. num_labels=3).
+        attention: "auto" | "eager" | "sdpa" | "triton". overrides: ModelConfig fields (e.g. num_labels=3);
+        an override always beats the file, and `num_labels=n` against a file whose id2label has another length
+        renames the labels LABEL_0 .. LABEL_{n-1}, as transformers does (`ModelConfig.replace`).
         Head weights absent from the file are initialised and listed in `model.load_report.new`.
+
+        A weight whose shape in the file differs from the model's (a 3-label head loaded with num_labels=5) is
+        an error naming the file, the key and both shapes, as in transformers: silently dropping trained
+        weights is never what a user wants. `ignore_mismatched_sizes=True` (HF's flag) initialises such
+        weights anew instead and lists them, with both shapes, in `model.load_report.mismatched`.
         """
         folder = resolve_folder(path)
         config = ModelConfig.from_json_file(folder / CONFIG_NAME).replace(attention=attention, **overrides)
         with torch.device("meta"):  # no memory yet: the checkpoint is read straight into the final tensors
             model = cls(config)
         model = model.to(dtype=_dtype(dtype)).to_empty(device=device or "cpu")
-        model.load_report = load_weights(model, folder)
+        report = model.load_report = load_weights(model, folder, ignore_mismatched_sizes=ignore_mismatched_sizes)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name in model.load_report.new:
+            for name in report.new + [name for name, _, _ in report.mismatched]:
                 _init_new_parameter(name, params[name], config.initializer_range)
-        if model.load_report.new:
-            logger.warning("%s: initialised new weights not in %s: %s", cls.__name__, folder, model.load_report.new)
-        if model.load_report.unexpected:
-            logger.warning("%s: ignored weights in %s: %s", cls.__name__, folder, model.load_report.unexpected)
+        if report.new:
+            logger.warning("%s: initialised new weights not in %s: %s", cls.__name__, folder, report.new)
+        if report.mismatched:
+            logger.warning("%s: initialised anew weights whose shape differs in %s: %s", cls.__name__, folder,
+                           ", ".join(f"{name} (file {theirs}, model {ours})" for name, theirs, ours in report.mismatched))
+        if report.unexpected:
+            logger.warning("%s: ignored weights in %s: %s", cls.__name__, folder, report.unexpected)
         return model.eval()
 
     # ---- saving ----------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Our models against `transformers` on random tiny checkpoints: logits, losses, generation, round trips."""
 
+import json
+
 import pytest
 import torch
 
-from scratchformer.engine import CausalLM, Encoder, MaskedLM, SequenceClassifier, TokenClassifier
+from scratchformer.engine import (CausalLM, CheckpointError, ConfigError, Encoder, MaskedLM, ModelConfig,
+                                  SequenceClassifier, TokenClassifier)
 
 from .conftest import max_rel_err, padded_batch
 
@@ -179,6 +182,76 @@ def test_head_weights_missing_from_base_checkpoint_are_new(hf_checkpoints):
     model = Encoder.from_pretrained(folder)
     assert "cls.predictions.bias" in model.load_report.unexpected
     assert "body.pooler.dense.weight" in model.load_report.new
+
+
+def _with_label_names(folder, dest, names):
+    """A copy of the checkpoint `folder` whose config.json names its labels `names` (real names, not LABEL_i)."""
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dest / "config.json").read_text())
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.parametrize("name, ours_cls, head", [("bert_seq", SequenceClassifier, "classifier"),
+                                                  ("gpt2_tok", TokenClassifier, "classifier"),
+                                                  ("gpt2_seq", SequenceClassifier, "score")])
+def test_num_labels_override_beats_id2label(hf_checkpoints, tmp_path, name, ours_cls, head):
+    """A checkpoint with 3 or 4 named labels loaded with num_labels=5: a 5-way head, as in transformers."""
+    folder, hf = hf_checkpoints[name]
+    old = hf.config.num_labels
+    folder = _with_label_names(folder, tmp_path / "named", [f"tag{i}" for i in range(old)])
+    hf_cls = type(hf)
+
+    # Without ignore_mismatched_sizes both libraries refuse: the trained head cannot be kept at 5 labels.
+    with pytest.raises(RuntimeError):
+        hf_cls.from_pretrained(folder, num_labels=5)
+    hidden = hf.config.hidden_size
+    with pytest.raises(CheckpointError, match=rf"{head}\.weight.*\[{old}, {hidden}\].*\[5, {hidden}\]"
+                                               r".*ignore_mismatched_sizes=True"):
+        ours_cls.from_pretrained(folder, num_labels=5)
+
+    theirs, info = hf_cls.from_pretrained(folder, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+    ours = ours_cls.from_pretrained(folder, num_labels=5, ignore_mismatched_sizes=True, attention="eager")
+    assert ours.config.num_labels == 5 and ours.config.id2label == theirs.config.id2label
+    assert ours.config.id2label == {i: f"LABEL_{i}" for i in range(5)}
+    assert getattr(ours, head).weight.shape == (5, hidden)
+    # Reported by name with both shapes, as HF's mismatched_keys; nothing else is new or mismatched.
+    want = sorted((key, list(a), list(b)) for key, a, b in info["mismatched_keys"])
+    assert sorted(ours.load_report.mismatched) == want
+    assert ours.load_report.new == []
+    head_weight = getattr(ours, head).weight
+    assert head_weight.std() > 0.5 * hf.config.initializer_range  # initialised, not left as empty memory
+    assert not torch.equal(head_weight[:old], getattr(hf, head).weight)
+    # The body did load: with HF's fresh head copied in, the logits equal HF's.
+    with torch.no_grad():
+        for pname, p in getattr(ours, head).named_parameters():
+            p.copy_(getattr(getattr(theirs, head), pname))
+    ids, mask, _ = padded_batch(hf.config.vocab_size, LENGTHS, seed=5)
+    with torch.no_grad():
+        got, want_logits = ours(ids, attention_mask=mask).logits, theirs.eval()(input_ids=ids, attention_mask=mask).logits
+    assert got.shape[-1] == 5
+    assert max_rel_err(got, want_logits, mask.bool() if got.dim() == 3 else None) <= FP32_TOL
+    # The saved config names the five generic labels, which transformers reads back.
+    ours.save_pretrained(tmp_path / "out")
+    assert hf_cls.from_pretrained(tmp_path / "out").config.label2id == {f"LABEL_{i}": i for i in range(5)}
+
+
+def test_label_overrides_resolve_like_hf(hf_checkpoints, tmp_path):
+    folder = _with_label_names(hf_checkpoints["bert_seq"][0], tmp_path / "named", ["neg", "neu", "pos"])
+    config = ModelConfig.from_json_file(folder / "config.json")
+    assert config.num_labels == 3
+    assert config.replace(num_labels=3).id2label == {0: "neg", 1: "neu", 2: "pos"}  # same count: names kept
+    names = {0: "a", 1: "b", 2: "c", 3: "d"}
+    assert config.replace(id2label=names).num_labels == 4
+    assert config.replace(num_labels=4, id2label=names).id2label == names
+    with pytest.raises(ConfigError, match=r"num_labels=5 disagrees with the 4 labels"):
+        config.replace(num_labels=5, id2label=names)
+    with pytest.raises(ConfigError, match="num_labels must be at least 1"):
+        config.replace(num_labels=0)
 
 
 def test_sharded_checkpoint_loads(hf_checkpoints, tmp_path):
