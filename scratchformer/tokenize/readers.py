@@ -1,8 +1,8 @@
 """Readers: text and labelled examples out of `.txt`, `.jsonl` and `.csv` files.
 
 Everything streams (one line at a time), so a file larger than memory can be read. Errors say the file
-and, where it applies, the line: a missing field, an empty file, invalid JSON on line N, a label that is
-not in the label set.
+and, where it applies, the line: a missing field, an empty file, invalid JSON or malformed CSV on line N,
+a label that is not in the label set.
 
 - `iter_documents(path)`: the documents of a file, for tokenizer training and corpus preparation.
   `.txt` is one document per line (`txt_split="line"`) or per blank-line separated paragraph
@@ -15,13 +15,19 @@ not in the label set.
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 SUFFIXES = (".txt", ".jsonl", ".csv")
+
+# The csv module refuses fields over 131072 characters by default; a long document is a legitimate field.
+# The limit is stored in a C long, which is 32 bits on Windows, so sys.maxsize would overflow there.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1)
 
 
 def _check_path(path: str | os.PathLike, allowed: Sequence[str] = SUFFIXES) -> Path:
@@ -54,12 +60,24 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
                 n += 1
                 yield lineno, record
     else:
+        csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide, but only ever raised to the maximum
         with open(p, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for record in reader:
-                n += 1
-                # Line numbers count the header as line 1 (multi-line quoted fields aside).
-                yield reader.line_num, record
+            # strict: an unclosed quote is an error, not the rest of the file swallowed into one field.
+            reader = csv.DictReader(f, strict=True)
+            end = 0  # the line the last good record (or the header) ended on
+            try:
+                reader.fieldnames  # reads the header now, so that `end` starts after it
+                end = reader.reader.line_num
+                for record in reader:
+                    n += 1
+                    end = reader.line_num
+                    # Line numbers count the header as line 1; a record on several lines gets its last one.
+                    yield end, record
+            except csv.Error as e:
+                # DictReader.line_num is only updated after a good row; the inner reader's is current.
+                line = reader.reader.line_num
+                where = f" (in the record that starts on line {end + 1})" if line > end + 1 else ""
+                raise ValueError(f"{p}: line {line}: {e}{where}") from None
     if n == 0:
         raise ValueError(f"{p} is empty: no records found")
 

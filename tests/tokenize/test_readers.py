@@ -80,3 +80,31 @@ def test_reader_errors(tmp_path):
         read_token_classification(_write(tmp_path / "t2.jsonl", '{"tokens": ["a", "b"], "ner_tags": ["O"]}\n'))
     with pytest.raises(ValueError, match="txt_split must be"):
         list(iter_documents(_write(tmp_path / "ok.txt", "a"), txt_split="sentence"))
+
+
+def test_csv_field_longer_than_the_csv_default_limit(tmp_path):
+    import random
+    import string
+
+    rng = random.Random()
+    # 200,000 characters with commas, quotes and newlines inside: over csv's default limit of 131072.
+    long = "".join(rng.choice(string.ascii_letters + ' ,"\n') for _ in range(200_000))
+    short = "".join(rng.choice(string.ascii_letters) for _ in range(50))
+    quoted = '"' + long.replace('"', '""') + '"'
+    c = _write(tmp_path / "long.csv", f"id,text\n1,{short}\n2,{quoted}\n3,{short}\n")
+    assert list(iter_documents(c)) == [short, long, short]
+    data = read_classification(_write(tmp_path / "long_cls.csv", f"text,label\n{quoted},a\n{short},b\n"))
+    assert data.texts == [long, short] and data.labels == [0, 1]
+
+
+def test_malformed_csv_names_file_and_line(tmp_path):
+    c = _write(tmp_path / "bad.csv", 'id,text\n1,fine\n2,"closed"then more\n3,fine\n')
+    with pytest.raises(ValueError, match=r"bad\.csv: line 3: ',' expected after '\"'$"):
+        list(iter_documents(c))
+    # An unclosed quote would otherwise swallow the rest of the file into one field.
+    c = _write(tmp_path / "open.csv", 'id,text\n1,fine\n2,"never closed\n3,more\n4,text\n')
+    with pytest.raises(ValueError, match=r"open\.csv: line 5: unexpected end of data "
+                                         r"\(in the record that starts on line 3\)"):
+        list(iter_documents(c))
+    with pytest.raises(ValueError, match=r"open_sft\.csv: line 5"):
+        read_sft(_write(tmp_path / "open_sft.csv", 'prompt,response\na,b\nc,"d\ne,f\n\n'))
