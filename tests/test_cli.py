@@ -225,3 +225,17 @@ def test_bench_dry_run_lists_scripts(capsys):
     assert code == 0
     assert "lora.py" in out and "engine.py" in out
     assert ("--quick" in out) == (not torch.cuda.is_available())
+
+
+def test_bench_names_of_the_issue(capsys):
+    """Issue 8 names `bench [attention|lora|adamw|train|all]`: `train` is train_step, asked twice it runs once."""
+    code, out, err = run(["bench", "attention", "lora", "adamw", "train", "train_step", "--dry-run"], capsys)
+    assert code == 0, err
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("[")] == [
+        "[1/4] attention", "[2/4] lora", "[3/4] adamw", "[4/4] train_step"]
+    assert "train_step.py" in out
+    code, help_text, _ = run(["bench", "--help"], capsys)
+    assert code == 0
+    names = help_text.split("names:")[1].split("positional arguments")[0]
+    for name in ("attention", "lora", "adamw", "train", "train_step", "all"):
+        assert f"\n  {name} " in names, name
