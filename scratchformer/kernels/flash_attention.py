@@ -60,17 +60,41 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+# CUDA caps grid axes 1 and 2 at 65535 programs but axis 0 at 2**31 - 1, and batch * heads alone passes 65535
+# at realistic sizes (batch 8192 x 12 heads). So every kernel runs on a 1-D grid of (row blocks) x (batch *
+# heads) programs, the row block varying fastest: the kernels split program_id(0) back into the two. The launch
+# order is that of a (row blocks, batch * heads) 2-D grid, so programs running side by side still share one
+# head's K and V in L2.
+MAX_GRID_PROGRAMS = 2**31 - 1
+
+
+def _check_programs(programs: int, batch_heads: int) -> tuple[int]:
+    """The 1-D grid `(programs,)`, or a clear error where CUDA could not launch it."""
+    if programs > MAX_GRID_PROGRAMS:
+        raise ValueError(
+            f"flash_attention: batch * heads = {batch_heads} needs {programs} programs, more than one CUDA grid "
+            f"holds ({MAX_GRID_PROGRAMS}); split the batch"
+        )
+    return (programs,)
+
+
+def _block_grid(num_rows: int, batch_heads: int, block: str):
+    """The launch grid of a kernel whose programs each own `meta[block]` rows (queries or keys) of one
+    (batch, head): `(cdiv(num_rows, meta[block]) * batch_heads,)`."""
+
+    def grid(meta):
+        return _check_programs(triton.cdiv(num_rows, meta[block]) * batch_heads, batch_heads)
+
+    return grid
+
+
 def _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed):
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     out = _alloc_like(q)
     lse = torch.empty((batch, heads, seq_q), device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_mn = _mask_arg(attention_mask, q)
-
-    def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
-
-    kern._flash_attn_fwd_kernel[grid](
+    kern._flash_attn_fwd_kernel[_block_grid(seq_q, batch * heads, "BLOCK_M")](
         q, k, v, out, lse, mask,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         stride_mb, stride_mn,
@@ -89,7 +113,7 @@ def _bwd(do, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
     pre_block_m = 32 if kern.INTERPRET else 128
-    kern._bwd_preprocess_kernel[(triton.cdiv(seq_q, pre_block_m), batch * heads)](
+    kern._bwd_preprocess_kernel[_block_grid(seq_q, batch * heads, "BLOCK_M")](
         out, do, delta, *_strides(out), *_strides(do), heads, seq_q, head_dim,
         BLOCK_M=pre_block_m, BLOCK_D=block_d,
     )
@@ -104,12 +128,12 @@ def _bwd(do, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p
         softmax_scale * math.log2(math.e), softmax_scale, dropout_p, seed, 0,
         triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k),
     )
-    kern._flash_attn_bwd_kv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads)](
+    kern._flash_attn_bwd_kv_kernel[_block_grid(seq_k, batch * heads, "BLOCK_N")](
         q, k, v, do, lse, delta, mask, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         stride_mb, stride_mn, *scalars, **common,
     )
-    kern._flash_attn_bwd_q_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)](
+    kern._flash_attn_bwd_q_kernel[_block_grid(seq_q, batch * heads, "BLOCK_M")](
         q, k, v, do, lse, delta, mask, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         stride_mb, stride_mn, *scalars, **common,
@@ -246,6 +270,7 @@ def flash_attention_dropout_mask(
     `draw_dropout_seed()`, which is what the call does (offset is 0 there)."""
     mask = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
     block = 32
-    grid = (triton.cdiv(seq_q, block), triton.cdiv(seq_k, block), batch * heads)
+    # One program per (query block, key block, batch * head), flattened onto grid axis 0 like the others.
+    grid = _check_programs(triton.cdiv(seq_q, block) * triton.cdiv(seq_k, block) * batch * heads, batch * heads)
     kern._dropout_mask_kernel[grid](mask, seq_q, seq_k, float(dropout_p), seed, offset, BLOCK_M=block, BLOCK_N=block)
     return mask.bool()

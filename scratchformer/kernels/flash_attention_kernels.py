@@ -148,6 +148,16 @@ def _dropout_keep(seed, offset, pid_bh, seq_q, seq_k, rows, cols, dropout_p):
 
 
 @triton.jit
+def _block_and_head(num_rows, BLOCK: tl.constexpr):
+    """(row block, batch * head) of this program. The launch grid is 1-D, `cdiv(num_rows, BLOCK) * B * H`
+    programs with the row block varying fastest: CUDA allows 65535 programs on grid axes 1 and 2 only, fewer
+    than batch * heads at large batches, but 2**31 - 1 on axis 0."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(num_rows, BLOCK)
+    return pid % num_blocks, pid // num_blocks
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     K_block_ptr0, V_block_ptr0, mask_ptr0,
@@ -218,7 +228,7 @@ def _flash_attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program computes BLOCK_M query rows of one (batch, head). Grid: (cdiv(Sq, BLOCK_M), B * H).
+    """One program computes BLOCK_M query rows of one (batch, head). Grid: (cdiv(Sq, BLOCK_M) * B * H,).
 
     Args:
         Q: `[B, H, Sq, D]` queries (fp32/fp16/bf16), strides `stride_q*`.
@@ -240,8 +250,7 @@ def _flash_attn_fwd_kernel(
         DOT_PRECISION: "ieee" for fp32 inputs, "tf32" otherwise (ignored for fp16/bf16 operands).
         BLOCK_M, BLOCK_N: tile sizes (autotuned).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(seq_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M
@@ -309,7 +318,7 @@ def _bwd_preprocess_kernel(
     num_heads, seq_q, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) (fp32), the `D_i` of the FlashAttention-2 backward. Grid: (cdiv(Sq, BLOCK_M), B*H).
+    """delta = rowsum(dO * O) (fp32), the `D_i` of the FlashAttention-2 backward. Grid: (cdiv(Sq, BLOCK_M) * B * H,).
 
     Args:
         Out: `[B, H, Sq, D]` forward output (after dropout), strides `stride_o*`.
@@ -318,8 +327,7 @@ def _bwd_preprocess_kernel(
         num_heads, seq_q, head_dim: H, Sq, D.
         BLOCK_M: rows per program; BLOCK_D: next power of two >= D.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(seq_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -393,7 +401,7 @@ def _flash_attn_bwd_kv_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK and dV for BLOCK_N keys of one (batch, head), walking over the query blocks that see them.
-    Grid: (cdiv(Sk, BLOCK_N), B * H).
+    Grid: (cdiv(Sk, BLOCK_N) * B * H,).
 
     Args:
         Q, K, V: as in the forward (`[B, H, Sq, D]`, `[B, H, Sk, D]`, `[B, H, Sk, D]`).
@@ -406,8 +414,7 @@ def _flash_attn_bwd_kv_kernel(
         qk_scale: softmax_scale * log2(e); softmax_scale: the plain scale (dK = scale * dS^T Q).
         dropout_p, dropout_seed, dropout_offset, seq_q_bucket, seq_k_bucket, constexprs: as in the forward.
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_and_head(seq_k, BLOCK_N)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     start_n = pid_n * BLOCK_N
@@ -526,10 +533,9 @@ def _flash_attn_bwd_q_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for BLOCK_M queries of one (batch, head), walking over the key blocks they see.
-    Grid: (cdiv(Sq, BLOCK_M), B * H). Arguments as in `_flash_attn_bwd_kv_kernel`, with dQ `[B, H, Sq, D]`
+    Grid: (cdiv(Sq, BLOCK_M) * B * H,). Arguments as in `_flash_attn_bwd_kv_kernel`, with dQ `[B, H, Sq, D]`
     (input dtype, strides `stride_dq*`) as the output."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(seq_q, BLOCK_M)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M
@@ -586,15 +592,19 @@ def _dropout_mask_kernel(
     Mask, seq_q, seq_k, dropout_p, dropout_seed, dropout_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Writes the keep-mask the attention kernels use. Grid: (cdiv(Sq, BLOCK_M), cdiv(Sk, BLOCK_N), B*H).
+    """Writes the keep-mask the attention kernels use. Grid: (cdiv(Sq, BLOCK_M) * cdiv(Sk, BLOCK_N) * B * H,),
+    key blocks varying fastest, then query blocks.
 
     Args:
         Mask: `[B, H, Sq, Sk]` int8, contiguous, written with 1 = kept.
         seq_q, seq_k: Sq, Sk. dropout_p, dropout_seed, dropout_offset: as in the forward.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(seq_q, BLOCK_M)
+    blocks_n = tl.cdiv(seq_k, BLOCK_N)
+    pid_bh = pid // (blocks_m * blocks_n)
+    pid_m = (pid // blocks_n) % blocks_m
+    pid_n = pid % blocks_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(dropout_seed, dropout_offset, pid_bh, seq_q, seq_k, offs_m[:, None], offs_n[None, :],

@@ -8,6 +8,7 @@ operands in the backward).
 """
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -182,6 +183,62 @@ def test_bad_inputs(device):
     big = torch.randn(1, 1, 3, 160, device=device)
     with pytest.raises(ValueError, match="head_dim must be in"):
         flash_attention(big, big, big)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: `kernel[grid](...)` records the grid, evaluated as Triton would with the
+    launch's constexprs plus the given tile sizes, and launches nothing."""
+
+    def __init__(self, name, grids, tiles):
+        self.name, self.grids, self.tiles = name, grids, tiles
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append((self.name, grid({**self.tiles, **kwargs}) if callable(grid) else grid))
+
+        return launch
+
+
+def _launch_grids(monkeypatch, batch, heads, seq_q, seq_k, block):
+    """The grids of the forward, the three backward launches and the dropout-mask helper, on `meta` tensors
+    (no memory, no kernel), with every autotuned tile size set to `block`."""
+    from scratchformer.kernels import flash_attention_kernels as kern
+
+    grids = []
+    for name in ("_flash_attn_fwd_kernel", "_bwd_preprocess_kernel", "_flash_attn_bwd_kv_kernel",
+                 "_flash_attn_bwd_q_kernel", "_dropout_mask_kernel"):
+        monkeypatch.setattr(kern, name, _LaunchSpy(name, grids, {"BLOCK_M": block, "BLOCK_N": block}))
+    q = torch.empty(batch, heads, seq_q, 64, device="meta")
+    k = torch.empty(batch, heads, seq_k, 64, device="meta")
+    out, lse = fa_module._fwd(q, k, k, True, None, 0.125, 0.1, 2**40)
+    fa_module._bwd(out, q, k, k, out, lse, True, None, 0.125, 0.1, 2**40)
+    flash_attention_dropout_mask(batch, heads, seq_q, seq_k, 0.1, 2**40, device="meta")
+    return grids
+
+
+@pytest.mark.parametrize("block", [16, 128])
+def test_launch_grids_fit_cuda_limits_at_huge_batch(monkeypatch, block):
+    """CUDA allows 2**31 - 1 programs on grid axis 0 but only 65535 on axes 1 and 2; batch 8192 x 12 heads
+    (98,304) must not land on either of the small axes. Pure Python: the grids are computed, nothing runs."""
+    grids = _launch_grids(monkeypatch, batch=8192, heads=12, seq_q=1000, seq_k=333, block=block)
+    assert [name for name, _ in grids] == ["_flash_attn_fwd_kernel", "_bwd_preprocess_kernel",
+                                           "_flash_attn_bwd_kv_kernel", "_flash_attn_bwd_q_kernel",
+                                           "_dropout_mask_kernel"]
+    for name, grid in grids:
+        assert 1 <= len(grid) <= 3 and all(n >= 1 for n in grid), (name, grid)
+        assert grid[0] <= 2**31 - 1, (name, grid)
+        assert all(n <= 65535 for n in grid[1:]), (name, grid)
+    # One program per (row block, batch * head): none is lost to the flattening.
+    programs = {name: math.prod(grid) for name, grid in grids}
+    assert programs["_flash_attn_fwd_kernel"] == 8192 * 12 * math.ceil(1000 / block)
+    assert programs["_flash_attn_bwd_q_kernel"] == programs["_flash_attn_fwd_kernel"]
+    assert programs["_flash_attn_bwd_kv_kernel"] == 8192 * 12 * math.ceil(333 / block)
+    assert programs["_dropout_mask_kernel"] == 8192 * 12 * math.ceil(1000 / 32) * math.ceil(333 / 32)
+
+
+def test_launch_grid_too_large_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="more than one CUDA grid holds"):
+        _launch_grids(monkeypatch, batch=2**22, heads=16, seq_q=4096, seq_k=4096, block=16)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large autotuned shapes need a GPU")
