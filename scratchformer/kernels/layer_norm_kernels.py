@@ -14,8 +14,8 @@ exactly what `F.layer_norm(x + r)` sees.
 Backward (`_layer_norm_bwd_kernel`): with ŵ = w ⊙ dy,
     ds = rstd * (ŵ - (x̂ * mean(ŵ ⊙ x̂) + mean(ŵ)))   (+ ds_out, the gradient of the returned s)
     dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy
-Each program takes a contiguous group of rows, computes their ds one row at a time and keeps its own
-running dw / db in fp32 registers, written once at the end to a [programs, N] partial buffer; the
+Each program takes a contiguous group of rows, computes their ds a tile of ROWS rows at a time and keeps
+its own running dw / db in fp32 registers, written once at the end to a [programs, N] partial buffer; the
 wrapper sums the partials over programs. No atomics: every partial row has exactly one writer, and the
 result is deterministic.
 
@@ -66,49 +66,48 @@ def _layer_norm_bwd_kernel(
     M, N, rows_per_program,
     stride_sm, stride_dym, stride_dsom, stride_dsm, stride_pm,
     HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Rows [pid * rows_per_program, (pid + 1) * rows_per_program): ds per row, partial dw / db per program."""
+    """Rows [pid * rows_per_program, (pid + 1) * rows_per_program): ds per row, partial dw / db per program.
+
+    The rows are walked ROWS at a time as one [ROWS, BLOCK_N] tile: with a narrow row (hidden 768) one row
+    per iteration leaves too few loads in flight to hide the memory latency, and each iteration's two row
+    reductions stall on it; a tile of rows keeps ROWS times more bytes in flight per step.
+    """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_mask = cols < N
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    # int64 row offsets (tensors past 2**31 elements); the pointers then walk one row per iteration.
-    first = row_start.to(tl.int64)
-    s_row = s_ptr + first * stride_sm
-    dy_row = dy_ptr + first * stride_dym
-    dsout_row = dsout_ptr + first * stride_dsom
-    ds_row = ds_ptr + first * stride_dsm
-    for row in range(row_start, row_end):
-        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
+    for r0 in range(row_start, row_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]  # int64 offsets: tensors past 2**31 elements
+        s = tl.load(s_ptr + rows64 * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows64 * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None]
         xhat = tl.where(mask, (s - mean) * rstd, 0.0)
         if HAS_WEIGHT:
             wdy = w * dy
         else:
             wdy = dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
+        c1 = (tl.sum(xhat * wdy, axis=1) / N)[:, None]
+        c2 = (tl.sum(wdy, axis=1) / N)[:, None]
         ds = (wdy - (xhat * c1 + c2)) * rstd
         if HAS_DS_OUT:
-            ds += tl.load(dsout_row + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ds_row + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            ds += tl.load(dsout_ptr + rows64 * stride_dsom + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(ds_ptr + rows64 * stride_dsm + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
             db_acc += dy
-        s_row += stride_sm
-        dy_row += stride_dym
-        dsout_row += stride_dsom
-        ds_row += stride_dsm
     if COMPUTE_DW:
-        tl.store(dw_part_ptr + pid * stride_pm + cols, dw_acc, mask=mask)
+        tl.store(dw_part_ptr + pid * stride_pm + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(db_part_ptr + pid * stride_pm + cols, db_acc, mask=mask)
+        tl.store(db_part_ptr + pid * stride_pm + cols, tl.sum(db_acc, axis=0), mask=col_mask)
