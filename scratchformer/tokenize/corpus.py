@@ -9,6 +9,12 @@ Layout written by `prepare_corpus(files, tokenizer, out_dir)`, per split ("train
                          ([num_documents + 1]), so document i is tokens[idx[i]:idx[i + 1]]
     out_dir/train.json   the small header: tokenizer, vocab size, dtype, token and document counts, the
                          separator id, and the names of the two files above
+    out_dir/tokenizer/   the tokenizer, so the files can always be decoded
+
+Nothing is visible until the whole corpus is encoded: the files are written under temporary names and
+renamed into place at the end, headers last (see `_commit`). A run into a folder that holds an earlier
+one replaces it whole (its val.* files too, when the new run has no val split). A run that fails while
+encoding leaves the earlier one as it was; one stopped while renaming leaves no header, so nothing reads.
 
 Both binary files are read back with `numpy.memmap` (`TokenFile`), so the corpus never has to fit in RAM.
 Writing streams too: documents are read one at a time, encoded in batches of at most `batch_chars`
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -52,16 +59,20 @@ class CorpusInfo:
         return sum(h["num_tokens"] for h in self.splits.values())
 
 
+SPLITS = ("train", "val")
+TOKENIZER_DIR = "tokenizer"
+
+
 class _SplitWriter:
-    """Appends encoded documents of one split to its .bin and .idx files."""
+    """Appends encoded documents of one split to temporary .bin and .idx files; `commit` renames them."""
 
     def __init__(self, out_dir: Path, name: str, dtype: np.dtype):
         self.name, self.dtype = name, dtype
         self.bin_path, self.idx_path = out_dir / f"{name}.bin", out_dir / f"{name}.idx"
-        # Written under temporary names, renamed on success, so an interrupted run leaves no valid-looking
-        # half file.
-        self._bin = open(self.bin_path.with_suffix(".bin.tmp"), "wb")
-        self._idx = open(self.idx_path.with_suffix(".idx.tmp"), "wb")
+        self.header_path = out_dir / f"{name}.json"
+        self._tmp = {p: p.with_suffix(p.suffix + ".tmp") for p in (self.bin_path, self.idx_path)}
+        self._bin = open(self._tmp[self.bin_path], "wb")
+        self._idx = open(self._tmp[self.idx_path], "wb")
         self.num_tokens = 0
         self.num_documents = 0
         self._idx.write(np.zeros(1, dtype="<i8").tobytes())
@@ -76,28 +87,69 @@ class _SplitWriter:
         self.num_tokens = int(ends[-1])
         self.num_documents += len(lengths)
 
-    def close(self, header: dict[str, Any]) -> dict[str, Any]:
-        self._bin.close()
-        self._idx.close()
-        os.replace(self.bin_path.with_suffix(".bin.tmp"), self.bin_path)
-        os.replace(self.idx_path.with_suffix(".idx.tmp"), self.idx_path)
-        header = {
-            **header,
+    def finish(self) -> None:
+        """Close the temporary files, on disk for good (fsync) before anything is renamed onto them."""
+        for f in (self._bin, self._idx):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+
+    def commit(self) -> None:
+        for final, tmp in self._tmp.items():
+            os.replace(tmp, final)
+
+    def header(self, common: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **common,
             "split": self.name,
             "num_tokens": self.num_tokens,
             "num_documents": self.num_documents,
             "tokens_file": self.bin_path.name,
             "documents_file": self.idx_path.name,
         }
-        _atomic_write(self.bin_path.with_suffix(".json"), json.dumps(header, indent=2))
-        return header
 
     def abort(self) -> None:
-        for f, p in ((self._bin, self.bin_path), (self._idx, self.idx_path)):
+        for f in (self._bin, self._idx):
             f.close()
-            tmp = p.with_suffix(p.suffix + ".tmp")
-            if tmp.exists():
-                tmp.unlink()
+        for tmp in self._tmp.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _commit(out: Path, writers: dict[str, _SplitWriter], common: dict[str, Any], tokenizer: Tokenizer
+            ) -> dict[str, dict[str, Any]]:
+    """Put a finished run in place of whatever `out` held, so that old and new files never pass for one output.
+
+    A split is readable only through its header (`TokenFile` opens <split>.json), so the headers go first
+    and come back last: a run interrupted in between leaves no header at all, never an old header next to
+    new tokens, nor new headers next to an old tokenizer. Splits this run does not write (val.* of an
+    earlier run with val_fraction > 0) are deleted. The tokenizer folder is replaced whole, so no file of
+    an earlier tokenizer (a vocab.txt next to a new tokenizer.json) stays behind.
+    """
+    staged = out / f".{TOKENIZER_DIR}.tmp"
+    _remove(staged)
+    tokenizer.save_pretrained(staged)
+    for name in SPLITS:
+        (out / f"{name}.json").unlink(missing_ok=True)
+    for name in SPLITS:
+        if name in writers:
+            writers[name].commit()
+        else:
+            for suffix in (".bin", ".idx"):
+                (out / f"{name}{suffix}").unlink(missing_ok=True)
+    _remove(out / TOKENIZER_DIR)
+    os.replace(staged, out / TOKENIZER_DIR)
+    headers = {}
+    for name, w in writers.items():
+        headers[name] = w.header(common)
+        _atomic_write(w.header_path, json.dumps(headers[name], indent=2))
+    return headers
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _groups(docs: Iterator[str], chars: int, max_docs: int) -> Iterator[list[str]]:
@@ -231,9 +283,9 @@ def prepare_corpus(
         "seed": seed,
         "val_fraction": val_fraction,
     }
-    # The tokenizer itself goes next to the tokens, so the files can always be decoded.
-    tokenizer.save_pretrained(out / "tokenizer")
-    header["tokenizer_dir"] = "tokenizer"
+    # The tokenizer itself goes next to the tokens (written at the end, see _commit), so the files can
+    # always be decoded.
+    header["tokenizer_dir"] = TOKENIZER_DIR
 
     names = ["train"] + (["val"] if val_fraction > 0 else [])
     writers = {n: _SplitWriter(out, n, dtype) for n in names}
@@ -255,6 +307,16 @@ def prepare_corpus(
                     writers["train"].write(ids, lengths)
                 if progress is not None:
                     progress.update(sum(map(len, batch)))
+        for w in writers.values():
+            w.finish()
+        total = sum(w.num_documents for w in writers.values())
+        sources = ", ".join(map(str, files))
+        if total == 0:
+            raise ValueError(f"no documents found in {sources}: every text in them is empty or blank")
+        if writers["train"].num_documents == 0:
+            raise ValueError(f"all {total} documents of {sources} went to the val split "
+                             f"(val_fraction={val_fraction}): the train split would be empty")
+        headers = _commit(out, writers, header, tokenizer)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -262,9 +324,6 @@ def prepare_corpus(
     finally:
         if progress is not None:
             progress.close()
-    headers = {n: w.close(header) for n, w in writers.items()}
-    if headers["train"]["num_documents"] == 0:
-        raise ValueError(f"no documents found in {[str(f) for f in files]}")
     return CorpusInfo(out, headers)
 
 

@@ -160,3 +160,67 @@ def test_corpus_errors(tmp_path, bpe):
         f.write(b"\x00")
     with pytest.raises(ValueError, match="expected .* bytes"):
         TokenFile(tmp_path / "t")
+
+
+def _random_docs(rng, n):
+    words = ["".join(rng.choice(list("abcdefghij klmnop")) for _ in range(rng.integers(1, 8))) for _ in range(50)]
+    return [" ".join(rng.choice(words, size=rng.integers(1, 15))).strip() or "x" for _ in range(n)]
+
+
+def _state(folder):
+    """Every file under `folder` with its bytes (to compare a folder before and after a failed run)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_zero_documents_fail_before_anything_is_written(tmp_path, bpe):
+    blank = tmp_path / "blank.jsonl"  # records exist, but every text is blank: no document at all
+    blank.write_text("\n".join(json.dumps({"text": t}) for t in ["", "   ", "\n\t"]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no documents found in .*blank\.jsonl"):
+        prepare_corpus(blank, bpe, tmp_path / "o", show_progress=False)
+    assert _state(tmp_path / "o") == {}
+    one = _txt(tmp_path / "one.txt", ["a single document"])
+    with pytest.raises(ValueError, match=r"all 1 documents of .*one\.txt went to the val split"):
+        prepare_corpus(one, bpe, tmp_path / "o", val_fraction=0.999, show_progress=False)
+    assert _state(tmp_path / "o") == {}
+
+
+def test_rerun_replaces_earlier_output_and_a_failed_run_keeps_it(tmp_path, bpe, minilm, monkeypatch):
+    import scratchformer.tokenize.corpus as corpus_module
+
+    rng = np.random.default_rng()
+    first, second = _random_docs(rng, 80), _random_docs(rng, 30)
+    out = tmp_path / "out"
+    prepare_corpus(_txt(tmp_path / "a.txt", first), minilm, out, val_fraction=0.3, show_progress=False)
+    (out / "tokenizer" / "vocab.txt").write_text("[PAD]\n")  # a file an earlier tokenizer could have left
+    assert TokenFile(out, split="val").num_documents > 0
+
+    # A run that fails while encoding (bad JSON in its second file) leaves the first run untouched.
+    before = _state(out)
+    good = _txt(tmp_path / "b.txt", second)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="invalid JSON on line 2"):
+        prepare_corpus([good, bad], bpe, out, show_progress=False)
+    assert _state(out) == before
+
+    # A second run without a val split and with another tokenizer: no val.* and no old tokenizer file left.
+    info = prepare_corpus(good, bpe, out, show_progress=False)
+    assert set(info.splits) == {"train"} and not any((out / f"val{s}").exists() for s in (".json", ".bin", ".idx"))
+    with pytest.raises(FileNotFoundError, match="header"):
+        TokenFile(out, split="val")
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer", "train.bin", "train.idx", "train.json"]
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    tf = TokenFile(out)
+    assert tf.tokens.tolist() == [i for d in _reference(bpe, second, bpe.eos_token_id) for i in d]
+    assert tf.tokenizer().get_vocab() == bpe.get_vocab()
+
+    # Stopped between the renames and the new headers: no header at all, so no split reads, old or new.
+    def stop(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_module, "_atomic_write", stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(tmp_path / "a.txt", minilm, out, show_progress=False)
+    assert not (out / "train.json").exists() and not list(out.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="header"):
+        TokenFile(out)
