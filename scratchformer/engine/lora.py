@@ -85,6 +85,7 @@ class LoRALinear(nn.Module):
         kaiming_uniform_(self.lora_A)
         self.r, self.scaling, self.dropout_p, self.backend = r, scaling, dropout_p, backend
         self.merged = False
+        self.train(base.training)  # an eval-mode model stays in eval mode: no dropout sneaks in
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
@@ -171,10 +172,9 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
         raise ValueError("the model already has LoRA adapters; merge_lora or load a fresh model first")
     family = model.config.model_type
     targets = DEFAULT_TARGETS[family] if target_modules is None else target_modules
-    paths = hf_module_paths(model)
-    chosen = [ours for ours, theirs in paths.items() if _matches(theirs, targets)]
+    chosen = _target_paths(model, targets)
     if not chosen:
-        names = sorted({theirs.rsplit(".", 1)[-1] for theirs in paths.values()})
+        names = sorted({theirs.rsplit(".", 1)[-1] for theirs in hf_module_paths(model).values()})
         raise ValueError(f"target_modules {targets!r} match no module; Linear modules here: {names}")
     config = LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=targets if isinstance(targets, str) else sorted(set(targets)),
@@ -192,6 +192,22 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
     logger.info("LoRA on %d modules: trainable params %d || all params %d || trainable %.4f%%",
                 len(chosen), trainable, total, 100 * trainable / total)
     return model
+
+
+def _target_paths(model, targets) -> dict[str, str]:
+    """Our path -> HF path of every Linear module that `targets` selects (PEFT's matching rule)."""
+    return {ours: theirs for ours, theirs in hf_module_paths(model).items() if _matches(theirs, targets)}
+
+
+def _remove_lora(model) -> None:
+    """Put plain `Linear` layers back in place of the (unmerged) LoRA modules, sharing their weight and bias."""
+    for path, m in lora_modules(model).items():
+        if m.merged:
+            raise RuntimeError(f"{path}: unmerge the adapter before removing it")
+        with torch.device("meta"):
+            base = Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        base.weight, base.bias = m.weight, m.bias
+        _set(model, path, base)
 
 
 def _modules_to_save(model, names) -> list[str]:
@@ -270,20 +286,66 @@ def read_adapter_config(folder: Path) -> LoRAConfig:
     return LoRAConfig(**known, extra={k: v for k, v in d.items() if k not in names})
 
 
-def load_adapter(model, path: str | os.PathLike, backend: str = "auto"):
-    """Load a PEFT LoRA adapter folder into `model` (applying LoRA from its config first if needed).
+def load_adapter(model, path: str | os.PathLike, backend: str | None = None):
+    """Load a PEFT LoRA adapter folder into `model`; afterwards the model computes that adapter and no other.
 
-    An adapter whose tensors do not fit the model raises CheckpointError naming the module.
+    Loading replaces whatever adapter the model has:
+    - the adapted modules, the rank and `modules_to_save` are the file's. When the model already has exactly
+      those (resuming a run, or swapping in an adapter of the same shape) its LoRA parameters are overwritten in
+      place, so an optimizer holding them stays valid. Otherwise the old adapter is removed and LoRA applied
+      afresh from the file's config, as on a model that never had one (everything else frozen; weights the file
+      does not hold, such as a head it does not save, keep their current values).
+    - alpha, rsLoRA and dropout are the file's: every module's `scaling` and `dropout_p` follow them.
+    - a merged model is unmerged first (the old update leaves the base weights) and merged again with the new
+      adapter, so it stays merged and a later `unmerge_lora` restores the base weights.
+    backend: "auto" | "torch" | "triton" for the LoRA modules; None keeps the model's (else "auto").
+
+    Everything is checked before anything changes: an adapter whose tensors do not fit the model raises
+    CheckpointError naming the module and both shapes, and leaves the model as it was.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
     config = read_adapter_config(folder)
-    if not lora_modules(model):
+    targets = _target_paths(model, _targets_of(model, config))
+    copies = _checked_adapter_tensors(model, config, targets, folder)
+
+    modules = lora_modules(model)
+    was_merged = any(m.merged for m in modules.values())
+    unmerge_lora(model)
+    backend = backend or next((m.backend for m in modules.values()), "auto")
+    old = getattr(model, "lora_config", None)
+    saved_before = _modules_to_save(model, old.modules_to_save or []) if old is not None else []
+    same_shape = (set(modules) == set(targets) and all(m.r == config.r for m in modules.values())
+                  and set(saved_before) == set(_modules_to_save(model, config.modules_to_save or [])))
+    if same_shape:
+        for m in modules.values():
+            m.scaling, m.dropout_p, m.backend = config.scaling, config.lora_dropout, backend
+    else:
+        _remove_lora(model)
         apply_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                   target_modules=config.target_modules, use_rslora=config.use_rslora,
+                   target_modules=_targets_of(model, config), use_rslora=config.use_rslora,
                    modules_to_save=config.modules_to_save, backend=backend)
     model.lora_config = config
+    with torch.no_grad():
+        for ours, pname, tensor in copies:
+            getattr(_get(model, ours), pname).copy_(tensor)
+    if was_merged:
+        merge_lora(model)
+    return model
+
+
+def _targets_of(model, config: LoRAConfig):
+    return DEFAULT_TARGETS[model.config.model_type] if config.target_modules is None else config.target_modules
+
+
+def _checked_adapter_tensors(model, config: LoRAConfig, targets: dict[str, str], folder: Path):
+    """The adapter file's tensors as (our module path, parameter name, tensor), each checked against the model.
+
+    `lora_A` `[r, in]` and `lora_B` `[out, r]` (r from the file's config) for every module in `targets`, and the
+    full parameters of the modules the file saves whole (modules_to_save). Raises CheckpointError naming the
+    module and the shapes for anything missing, extra or of the wrong shape.
+    """
     file = folder / ADAPTER_WEIGHTS
     try:
         with safe_open(file, framework="pt") as f:
@@ -293,38 +355,41 @@ def load_adapter(model, path: str | os.PathLike, backend: str = "auto"):
     prefix = BODY_PREFIX[model.config.model_type]
 
     def normalise(key):  # PEFT keys name the HF module; accept files made on a model with or without the body prefix
-        key = key.removeprefix(PEFT_PREFIX).replace(".default.", ".")
-        return key.removeprefix(prefix) if key.startswith(prefix) else key
+        return key.removeprefix(PEFT_PREFIX).replace(".default.", ".").removeprefix(prefix)
 
     by_hf = {normalise(k): v for k, v in state.items()}
-    paths = {v.removeprefix(prefix): k for k, v in hf_module_paths(model).items()}
+    if not targets:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: target_modules {config.target_modules!r} match no module "
+                              "of this model")
+    copies, used = [], set()
+    for ours, theirs in targets.items():
+        module, theirs = _get(model, ours), theirs.removeprefix(prefix)
+        for part, shape in (("lora_A", [config.r, module.in_features]), ("lora_B", [module.out_features, config.r])):
+            key = f"{theirs}.{part}.weight"
+            if key not in by_hf:
+                raise CheckpointError(f"{file}: no {part} for module {theirs!r}")
+            if list(by_hf[key].shape) != shape:
+                raise CheckpointError(f"{file}: module {theirs!r} {part} has shape {list(by_hf[key].shape)}, the model "
+                                      f"expects {shape} (r={config.r} from {ADAPTER_CONFIG})")
+            copies.append((ours, part, by_hf[key]))
+            used.add(key)
+    linear = {v.removeprefix(prefix) for v in hf_module_paths(model).values()}
     heads = {v.removeprefix(prefix): k for k, v in hf_head_paths(model).items()}
-    used = set()
-    with torch.no_grad():
-        for ours_hf, ours in paths.items():
-            module = _get(model, ours)
-            if not isinstance(module, LoRALinear):
-                continue
-            for part in ("lora_A", "lora_B"):
-                key = f"{ours_hf}.{part}.weight"
-                if key not in by_hf:
-                    raise CheckpointError(f"{file}: no {part} for module {ours_hf!r}")
-                param = getattr(module, part)
-                if by_hf[key].shape != param.shape:
-                    raise CheckpointError(f"{file}: module {ours_hf!r} {part} has shape {list(by_hf[key].shape)}, "
-                                          f"the model expects {list(param.shape)}")
-                param.copy_(by_hf[key])
-                used.add(key)
-        for key, tensor in by_hf.items():
-            if key in used:
-                continue
-            module_hf, _, pname = key.rpartition(".")
-            module_hf = module_hf.removesuffix(".modules_to_save")
-            if module_hf not in heads:
-                raise CheckpointError(f"{file}: key {key!r} matches no module of this model")
-            param = getattr(_get(model, heads[module_hf]), pname)
-            if tensor.shape != param.shape:
-                raise CheckpointError(f"{file}: module {module_hf!r} {pname} has shape {list(tensor.shape)}, "
-                                      f"the model expects {list(param.shape)}")
-            param.copy_(tensor)
-    return model
+    for key, tensor in by_hf.items():
+        if key in used:
+            continue
+        if ".lora_" in key:
+            module_hf = key.split(".lora_")[0]
+            why = (f"target_modules {config.target_modules!r} do not select module {module_hf!r}" if module_hf in linear
+                   else f"module {module_hf!r} is not in this model")
+            raise CheckpointError(f"{file}: key {key!r}: {why}")
+        module_hf, _, pname = key.rpartition(".")
+        module_hf = module_hf.removesuffix(".modules_to_save")
+        params = dict(_get(model, heads[module_hf]).named_parameters(recurse=False)) if module_hf in heads else {}
+        if pname not in params:
+            raise CheckpointError(f"{file}: key {key!r} matches no parameter of this model")
+        if tensor.shape != params[pname].shape:
+            raise CheckpointError(f"{file}: module {module_hf!r} {pname} has shape {list(tensor.shape)}, "
+                                  f"the model expects {list(params[pname].shape)}")
+        copies.append((heads[module_hf], pname, tensor))
+    return copies

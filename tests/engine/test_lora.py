@@ -133,12 +133,115 @@ def test_lora_errors(hf_checkpoints, tmp_path):
     model = CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0])
     with pytest.raises(ValueError, match=r"match no module.*c_attn"):
         apply_lora(model, target_modules=["query"])
-    apply_lora(model, r=4)
-    save_adapter(model, tmp_path)
-    other = CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0])
-    apply_lora(other, r=6)  # a different rank: the shapes do not fit
-    with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_attn.*lora_A"):
-        load_adapter(other, tmp_path)
+
+
+def _logits(model, name, seed):
+    ids, mask, _ = padded_batch(97, [9, 5], seed=seed)
+    with torch.no_grad():
+        if isinstance(model, peft.PeftModel):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        else:
+            logits = model(ids, attention_mask=mask).logits
+    return logits, (mask.bool() if logits.dim() == 3 else None)
+
+
+def _peft_adapter(hf_checkpoints, folder, name, **lora_kw):
+    peft_model = _peft_model(hf_checkpoints, name, **lora_kw)
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+LOAD_CASES = ["gpt2_lm", "bert_seq"]
+TARGETS = {"gpt2_lm": ["c_attn"], "bert_seq": ["query", "value"]}
+OURS = {"gpt2_lm": CausalLM, "bert_seq": SequenceClassifier}
+
+
+@pytest.mark.parametrize("name", LOAD_CASES)
+def test_load_into_lora_model_takes_the_files_alpha_and_dropout(hf_checkpoints, tmp_path, name):
+    """Same modules and rank, other alpha / rsLoRA / dropout: the file's settings win, parameters stay the same
+    objects (an optimizer holding them stays valid)."""
+    peft_model = _peft_adapter(hf_checkpoints, tmp_path, name, r=4, lora_alpha=4, lora_dropout=0.1,
+                               use_rslora=True, target_modules=TARGETS[name])
+    ours = apply_lora(OURS[name].from_pretrained(hf_checkpoints[name][0]), r=4, alpha=16,
+                      target_modules=TARGETS[name])
+    params = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    load_adapter(ours, tmp_path)
+    assert all(m.scaling == 2.0 and m.dropout_p == 0.1 and not m.training for m in lora_modules(ours).values())
+    assert {n: p for n, p in ours.named_parameters() if "lora_" in n} == params  # same tensors, new values
+    assert ours.lora_config.lora_alpha == 4 and ours.lora_config.use_rslora
+    want, mask = _logits(peft_model, name, seed=21)
+    got, _ = _logits(ours, name, seed=21)
+    assert max_rel_err(got, want, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("name", LOAD_CASES)
+def test_load_into_merged_model_then_unmerge_restores_the_base(hf_checkpoints, tmp_path, name):
+    peft_model = _peft_adapter(hf_checkpoints, tmp_path, name, r=4, lora_alpha=4, target_modules=TARGETS[name])
+    base = OURS[name].from_pretrained(hf_checkpoints[name][0])
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    ours = apply_lora(base, r=4, alpha=16, target_modules=TARGETS[name])
+    _randomise_lora(ours)
+    merge_lora(ours)
+    load_adapter(ours, tmp_path)  # the old update must leave the base weights first
+    assert all(m.merged for m in lora_modules(ours).values())  # still merged, now with the file's adapter
+    want, mask = _logits(peft_model, name, seed=22)
+    got, _ = _logits(ours, name, seed=22)
+    assert max_rel_err(got, want, mask) <= 1e-5
+    unmerge_lora(ours)
+    for n, p in ours.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6, msg=n)
+    got, _ = _logits(ours, name, seed=22)
+    assert max_rel_err(got, want, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_load_with_other_targets_rank_and_saved_modules_rebuilds(hf_checkpoints, tmp_path, merged):
+    """Other modules, rank and modules_to_save: the model ends up as a fresh model with the adapter loaded."""
+    name = "bert_seq"
+    peft_model = _peft_adapter(hf_checkpoints, tmp_path, name, r=3, lora_alpha=5, task_type="SEQ_CLS",
+                               target_modules=["key", "dense"], modules_to_save=["classifier"])
+    base = OURS[name].from_pretrained(hf_checkpoints[name][0])
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    ours = apply_lora(base, r=6, alpha=16, target_modules=["query", "value"])
+    _randomise_lora(ours)
+    if merged:
+        merge_lora(ours)
+    load_adapter(ours, tmp_path)
+    fresh = load_adapter(OURS[name].from_pretrained(hf_checkpoints[name][0]), tmp_path)
+    assert {n: m.r for n, m in lora_modules(ours).items()} == {n: m.r for n, m in lora_modules(fresh).items()}
+    assert ({n for n, p in ours.named_parameters() if p.requires_grad}
+            == {n for n, p in fresh.named_parameters() if p.requires_grad})
+    want, mask = _logits(peft_model, name, seed=23)
+    got, _ = _logits(ours, name, seed=23)
+    assert max_rel_err(got, want, mask) <= 1e-5
+    unmerge_lora(ours)
+    for n, p in ours.named_parameters():  # the old query / value adapters left no trace in the base weights
+        if n in before and not n.startswith("classifier."):
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_adapter_that_does_not_fit_is_an_error_and_changes_nothing(hf_checkpoints, tmp_path):
+    source = apply_lora(CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0]), r=4, target_modules=["c_attn", "c_fc"])
+    save_adapter(source, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    model = apply_lora(CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0]), r=2, alpha=3)
+    _randomise_lora(model)
+    state = {n: p.clone() for n, p in model.state_dict().items()}
+
+    config_file.write_text(json.dumps({**config, "r": 6}))  # the tensors have rank 4
+    with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_attn' lora_A has shape \[4, 52\].*expects \[6, 52\]"):
+        load_adapter(model, tmp_path)
+    config_file.write_text(json.dumps({**config, "target_modules": ["c_attn"]}))  # c_fc's tensors left over
+    with pytest.raises(CheckpointError, match=r"do not select module 'h\.0\.mlp\.c_fc'"):
+        load_adapter(model, tmp_path)
+    config_file.write_text(json.dumps({**config, "target_modules": ["c_attn", "c_fc", "c_proj"]}))
+    with pytest.raises(CheckpointError, match=r"no lora_A for module 'h\.0\.attn\.c_proj'"):
+        load_adapter(model, tmp_path)
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, state[n]), n
+    assert all(m.r == 2 and m.scaling == 1.5 for m in lora_modules(model).values())
 
 
 def test_default_targets_are_peft_defaults(hf_checkpoints):
