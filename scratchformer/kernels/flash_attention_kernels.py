@@ -15,6 +15,13 @@ of `attention_reference.attention_reference`. Notation used in every docstring b
   picked) and the test helper `_dropout_mask_kernel` all draw the same mask.
 - Tensors are addressed through explicit strides (no contiguity assumed) except the fp32 `lse`/`delta`
   buffers, which the Python side allocates contiguous as `[B, H, Sq]`.
+- Every element offset is computed in int64 (`_head_ptr`, `_tile_offsets`, the row offsets of the inner
+  loops). Products such as `row * stride_row` pass 2**31 well before a tensor is huge: the engine's heads are
+  strided views of the QKV projection, so `stride_row` is `3 * hidden` and row 58K of a hidden-12288 model is
+  past 2**31 elements; int32 would wrap to a negative offset and read outside the tensor. Only the 1-D offset
+  vectors (`[BLOCK_M]`, `[BLOCK_N]`, `[BLOCK_D]`) and scalars are widened before being broadcast into a
+  tile, and the pointer tiles they are added to are 64-bit anyway, so the cost is a few registers per
+  thread, not a second copy of a tile.
 
 Why the backward is split in two kernels (as in FlashAttention-2): the dK/dV kernel owns a block of keys
 and walks over the query blocks, the dQ kernel owns a block of queries and walks over the key blocks. Each
@@ -158,6 +165,18 @@ def _block_and_head(num_rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _head_ptr(base, b, h, stride_b, stride_h):
+    """Pointer to the `[S, D]` slice of batch `b`, head `h` of a `[B, H, S, D]` tensor (int64 offsets)."""
+    return base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile_offsets(rows, cols, stride_row, stride_col):
+    """Element offsets `[len(rows), len(cols)]` of a tile inside one (batch, head) slice, in int64."""
+    return rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     K_block_ptr0, V_block_ptr0, mask_ptr0,
@@ -175,12 +194,14 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_k
+        k_ptrs = K_block_ptr0 + offs_n.to(tl.int64)[:, None] * stride_kn
+        v_ptrs = V_block_ptr0 + offs_n.to(tl.int64)[:, None] * stride_vn
         if EDGE:
-            k = tl.load(K_block_ptr0 + offs_n[:, None] * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(V_block_ptr0 + offs_n[:, None] * stride_vn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            k = tl.load(K_block_ptr0 + offs_n[:, None] * stride_kn, mask=d_ok[None, :], other=0.0)
-            v = tl.load(V_block_ptr0 + offs_n[:, None] * stride_vn, mask=d_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -191,7 +212,7 @@ def _fwd_inner(
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + diag)
             s = tl.where(allowed, s, float("-inf"))
         if HAS_MASK:
-            key_ok = tl.load(mask_ptr0 + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            key_ok = tl.load(mask_ptr0 + offs_n.to(tl.int64) * stride_mn, mask=n_ok, other=0) != 0
             s = tl.where(key_ok[None, :], s, float("-inf"))
         # m_i starts at a large finite negative number, so a row whose scores are all -inf so far keeps
         # m_new finite and exp2(-inf - m_new) = 0: no NaN from (-inf) - (-inf).
@@ -259,13 +280,12 @@ def _flash_attn_fwd_kernel(
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm \
-        + offs_d[None, :] * stride_qd
+    q_ptrs = _head_ptr(Q, b, h, stride_qb, stride_qh) + _tile_offsets(offs_m, offs_d, stride_qm, stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_ptr0 = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
-    v_ptr0 = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    k_ptr0 = _head_ptr(K, b, h, stride_kb, stride_kh) + offs_d.to(tl.int64)[None, :] * stride_kd
+    v_ptr0 = _head_ptr(V, b, h, stride_vb, stride_vh) + offs_d.to(tl.int64)[None, :] * stride_vd
     mask_ptr0 = KeyMask + b.to(tl.int64) * stride_mb
 
     diag = seq_k - seq_q
@@ -302,8 +322,7 @@ def _flash_attn_fwd_kernel(
     out = tl.where(seen[:, None], out, 0.0)
     lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=m_ok)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om \
-        + offs_d[None, :] * stride_od
+    o_ptrs = _head_ptr(Out, b, h, stride_ob, stride_oh) + _tile_offsets(offs_m, offs_d, stride_om, stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -333,10 +352,10 @@ def _bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < head_dim)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    o_ptrs = _head_ptr(Out, b, h, stride_ob, stride_oh) + _tile_offsets(offs_m, offs_d, stride_om, stride_od)
+    do_ptrs = _head_ptr(dOut, b, h, stride_dob, stride_doh) + _tile_offsets(offs_m, offs_d, stride_dom, stride_dod)
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
 
 
@@ -357,8 +376,9 @@ def _bwd_kv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_q
-        q = tl.load(q_ptr0 + offs_m[:, None] * stride_qm, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_ptr0 + offs_m[:, None] * stride_dom, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        rows = offs_m.to(tl.int64)[:, None]
+        q = tl.load(q_ptr0 + rows * stride_qm, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_ptr0 + rows * stride_dom, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -424,15 +444,15 @@ def _flash_attn_bwd_kv_kernel(
     d_ok = offs_d < head_dim
     nd_ok = n_ok[:, None] & d_ok[None, :]
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=nd_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=nd_ok, other=0.0)
+    k_ptrs = _head_ptr(K, b, h, stride_kb, stride_kh) + _tile_offsets(offs_n, offs_d, stride_kn, stride_kd)
+    v_ptrs = _head_ptr(V, b, h, stride_vb, stride_vh) + _tile_offsets(offs_n, offs_d, stride_vn, stride_vd)
+    k = tl.load(k_ptrs, mask=nd_ok, other=0.0)
+    v = tl.load(v_ptrs, mask=nd_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    q_ptr0 = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd
-    do_ptr0 = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_d[None, :] * stride_dod
+    q_ptr0 = _head_ptr(Q, b, h, stride_qb, stride_qh) + offs_d.to(tl.int64)[None, :] * stride_qd
+    do_ptr0 = _head_ptr(dOut, b, h, stride_dob, stride_doh) + offs_d.to(tl.int64)[None, :] * stride_dod
     Lse_bh = Lse + pid_bh.to(tl.int64) * seq_q
     Delta_bh = Delta + pid_bh.to(tl.int64) * seq_q
 
@@ -463,13 +483,14 @@ def _flash_attn_bwd_kv_kernel(
     if HAS_MASK:
         # A padded key's probabilities were never part of any softmax: its gradients are zero. Whatever the
         # loop computed for it (possibly inf/NaN, since its scores were not in the log-sum-exp) is discarded.
-        key_ok = tl.load(KeyMask + b.to(tl.int64) * stride_mb + offs_n * stride_mn, mask=n_ok, other=0) != 0
+        mask_ptrs = KeyMask + b.to(tl.int64) * stride_mb + offs_n.to(tl.int64) * stride_mn
+        key_ok = tl.load(mask_ptrs, mask=n_ok, other=0) != 0
         dk = tl.where(key_ok[:, None], dk, 0.0)
         dv = tl.where(key_ok[:, None], dv, 0.0)
-    tl.store(dK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk.to(dK.dtype.element_ty), mask=nd_ok)
-    tl.store(dV + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_d[None, :] * stride_dvd, dv.to(dV.dtype.element_ty), mask=nd_ok)
+    dk_ptrs = _head_ptr(dK, b, h, stride_dkb, stride_dkh) + _tile_offsets(offs_n, offs_d, stride_dkn, stride_dkd)
+    dv_ptrs = _head_ptr(dV, b, h, stride_dvb, stride_dvh) + _tile_offsets(offs_n, offs_d, stride_dvn, stride_dvd)
+    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=nd_ok)
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=nd_ok)
 
 
 @triton.jit
@@ -487,12 +508,14 @@ def _bwd_q_inner(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seq_k
+        k_ptrs = k_ptr0 + offs_n.to(tl.int64)[:, None] * stride_kn
+        v_ptrs = v_ptr0 + offs_n.to(tl.int64)[:, None] * stride_vn
         if EDGE:
-            k = tl.load(k_ptr0 + offs_n[:, None] * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptr0 + offs_n[:, None] * stride_vn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            k = tl.load(k_ptr0 + offs_n[:, None] * stride_kn, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptr0 + offs_n[:, None] * stride_vn, mask=d_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -504,7 +527,7 @@ def _bwd_q_inner(
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + diag)
             p = tl.where(allowed, p, 0.0)
         if HAS_MASK:
-            key_ok = tl.load(mask_ptr0 + offs_n * stride_mn, mask=n_ok, other=0) != 0
+            key_ok = tl.load(mask_ptr0 + offs_n.to(tl.int64) * stride_mn, mask=n_ok, other=0) != 0
             p = tl.where(key_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if HAS_DROPOUT:
@@ -544,17 +567,17 @@ def _flash_attn_bwd_q_kernel(
     m_ok = offs_m < seq_q
     md_ok = m_ok[:, None] & (offs_d[None, :] < head_dim)
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
-    do = tl.load(dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
+    q_ptrs = _head_ptr(Q, b, h, stride_qb, stride_qh) + _tile_offsets(offs_m, offs_d, stride_qm, stride_qd)
+    do_ptrs = _head_ptr(dOut, b, h, stride_dob, stride_doh) + _tile_offsets(offs_m, offs_d, stride_dom, stride_dod)
+    q = tl.load(q_ptrs, mask=md_ok, other=0.0)
+    do = tl.load(do_ptrs, mask=md_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, mask=m_ok, other=0.0)
-    k_ptr0 = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
-    v_ptr0 = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+    k_ptr0 = _head_ptr(K, b, h, stride_kb, stride_kh) + offs_d.to(tl.int64)[None, :] * stride_kd
+    v_ptr0 = _head_ptr(V, b, h, stride_vb, stride_vh) + offs_d.to(tl.int64)[None, :] * stride_vd
     mask_ptr0 = KeyMask + b.to(tl.int64) * stride_mb
 
     diag = seq_k - seq_q
@@ -580,8 +603,8 @@ def _flash_attn_bwd_q_kernel(
         True, CAUSAL, HAS_MASK, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N,
     )
     dq = dq * softmax_scale
-    tl.store(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=md_ok)
+    dq_ptrs = _head_ptr(dQ, b, h, stride_dqb, stride_dqh) + _tile_offsets(offs_m, offs_d, stride_dqm, stride_dqd)
+    tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=md_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------

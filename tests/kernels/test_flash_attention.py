@@ -9,6 +9,9 @@ operands in the backward).
 
 import importlib
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +122,50 @@ def test_non_contiguous_inputs(device):
     v = kv[:, :, 1].transpose(1, 2).detach().requires_grad_()
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     _check_against_reference(q, k, v, causal=True, attention_mask=_padding_mask(batch, seq, device))
+
+
+def check_offsets_past_int32(device):
+    """q, k, v, the output gradient and the key mask are `[1, 2, 37, 16]` / `[1, 37]` views whose rows are
+    2**26 elements apart, so rows 32..36 start past 2**31 elements (cf. the engine's heads: strided views of
+    the QKV projection). Only the touched pages of the 5 GB of virtual memory are ever allocated on the CPU.
+    With int32 offsets those rows wrap to negative addresses: a crash or garbage."""
+    fa_module._POISON_OUTPUTS = True
+    heads, seq, head_dim, row = 2, 37, 16, 2**26
+    width = heads * head_dim
+    big = torch.empty(seq * row, dtype=torch.float16, device=device)
+
+    def view(i):  # the i-th [1, heads, seq, head_dim] tensor in the rows of `big`
+        t = big.as_strided((1, heads, seq, head_dim), (0, head_dim, row, 1), storage_offset=i * width)
+        t.copy_(torch.randn(t.shape))
+        return t
+
+    q, k, v, grad_out = view(0), view(1), view(2), view(3)
+    assert (seq - 1) * q.stride(2) > 2**31
+    key_mask = torch.empty(seq * row, dtype=torch.bool, device=device).as_strided((1, seq), (0, row))
+    key_mask.copy_(torch.tensor([[j not in (3, 33) for j in range(seq)]]))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, attention_mask=key_mask)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(q64, k64, v64, attention_mask=key_mask, compute_dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    for name, ours, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        err = _rel_err(ours, theirs)
+        assert err <= TOLERANCE[torch.float16], f"{name}: relative error {err:.2e}"
+
+
+def test_offsets_past_int32(device):
+    """`check_offsets_past_int32` in a fresh process: an int32 offset regression crashes (segfault on the
+    CPU, illegal address on a GPU) rather than fail, and must not take the rest of the run down with it."""
+    if device == "cuda" and torch.cuda.get_device_properties(0).total_memory < 16 * 2**30:
+        pytest.skip("needs 7.5 GB of GPU memory")
+    code = f"from {__name__} import check_offsets_past_int32; check_offsets_past_int32({device!r})"
+    root = pathlib.Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0); " + code], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    # A negative exit code is the signal that killed it: -11, a segfault, is a wrapped int32 offset.
+    assert run.returncode == 0, f"exit code {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
 
 
 def test_dropout_fraction_and_determinism(device):
