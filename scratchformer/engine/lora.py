@@ -9,6 +9,7 @@ base weight and back.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -34,6 +35,31 @@ DEFAULT_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"]}  # PEFT's def
 TASK_TYPES = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS", "CausalLM": "CAUSAL_LM",
               "Encoder": "FEATURE_EXTRACTION"}
 
+# Every field of `peft.LoraConfig().to_dict()` that LoRAConfig has no attribute for, with its default, read from
+# PEFT 0.21.2 (the version in peft_version): adapter_config.json carries PEFT's whole field set, as PEFT writes
+# it. The package never imports peft; tests/engine/test_lora.py checks this table against the installed peft.
+PEFT_VERSION = "0.21.2"
+PEFT_LORA_DEFAULTS = {
+    "peft_type": "LORA", "peft_version": PEFT_VERSION, "auto_mapping": None, "revision": None,
+    "inference_mode": True,  # PEFT saves every adapter with inference_mode true
+    "bias": "none", "init_lora_weights": True, "exclude_modules": None, "layers_to_transform": None,
+    "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None,
+    "megatron_core": "megatron.core", "trainable_token_indices": None, "loftq_config": {}, "eva_config": None,
+    "corda_config": None, "lora_ga_config": None, "use_dora": False, "velora_config": None,
+    "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None,
+    "layer_replication": None, "lora_bias": False, "target_parameters": None, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+}
+# PEFT features that change what an adapter computes and that we do not implement: a file using one is refused
+# rather than loaded wrong. Each is off when the field is missing, null, false or empty.
+UNSUPPORTED_FEATURES = {
+    "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas", "use_dora": "DoRA",
+    "exclude_modules": "excluding modules", "layers_to_transform": "LoRA on chosen layers only",
+    "layer_replication": "layer replication", "lora_bias": "a bias on lora_B", "use_qalora": "QALoRA",
+    "target_parameters": "LoRA on parameters", "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
+}
+
 
 @dataclass
 class LoRAConfig:
@@ -56,9 +82,9 @@ class LoRAConfig:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_peft_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
-        return {**self.extra, **d, "peft_type": "LORA", "bias": "none", "inference_mode": True,
-                "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
+        """adapter_config.json's content: PEFT's defaults, then the fields a PEFT file had (`extra`), then ours."""
+        ours = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**copy.deepcopy(PEFT_LORA_DEFAULTS), **copy.deepcopy(self.extra), **ours}
 
 
 class LoRALinear(nn.Module):
@@ -179,7 +205,8 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
     config = LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=targets if isinstance(targets, str) else sorted(set(targets)),
                         use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
-                        fan_in_fan_out=family == "gpt2", task_type=TASK_TYPES.get(type(model).__name__))
+                        fan_in_fan_out=family == "gpt2", task_type=TASK_TYPES.get(type(model).__name__),
+                        base_model_name_or_path=getattr(model, "name_or_path", None))
     for p in model.parameters():
         p.requires_grad_(False)
     for ours in chosen:
@@ -261,7 +288,10 @@ def save_adapter(model, path: str | os.PathLike) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(model.lora_config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+    config = model.lora_config.to_peft_dict()
+    # As PEFT: an adapter that does not know its base yet records the folder the model was loaded from.
+    config["base_model_name_or_path"] = config["base_model_name_or_path"] or getattr(model, "name_or_path", None)
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -275,11 +305,11 @@ def read_adapter_config(folder: Path) -> LoRAConfig:
         raise CheckpointError(f"{file}: invalid JSON ({err})") from None
     if d.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{file}: peft_type {d['peft_type']!r} is not LORA")
-    for unsupported in ("rank_pattern", "alpha_pattern"):
-        if d.get(unsupported):
-            raise CheckpointError(f"{file}: {unsupported} is not supported")
-    if d.get("use_dora"):
-        raise CheckpointError(f"{file}: DoRA adapters are not supported")
+    for key, feature in UNSUPPORTED_FEATURES.items():
+        if d.get(key):
+            raise CheckpointError(f"{file}: {key}={d[key]!r}: {feature} is not supported")
+    if d.get("bias", "none") != "none":
+        raise CheckpointError(f"{file}: bias={d['bias']!r}: adapters that train biases are not supported")
     names = {f for f in LoRAConfig.__dataclass_fields__ if f != "extra"}
     known = {k: d[k] for k in names if k in d}
     known["modules_to_save"] = sorted(set(known["modules_to_save"])) if known.get("modules_to_save") else None

@@ -36,6 +36,7 @@ class PreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
         self.load_report = LoadReport()
+        self.name_or_path: str | None = None  # the folder from_pretrained read, as given (HF's name_or_path)
 
     def init_weights(self) -> PreTrainedModel:
         """HF's initialisation: N(0, initializer_range) weights, zero biases, identity LayerNorms."""
@@ -77,6 +78,7 @@ class PreTrainedModel(nn.Module):
         with torch.device("meta"):  # no memory yet: the checkpoint is read straight into the final tensors
             model = cls(config)
         model = model.to(dtype=_dtype(dtype)).to_empty(device=device or "cpu")
+        model.name_or_path = str(path)
         report = model.load_report = load_weights(model, folder, ignore_mismatched_sizes=ignore_mismatched_sizes)
         params = dict(model.named_parameters())
         with torch.no_grad():

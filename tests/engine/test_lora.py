@@ -244,6 +244,60 @@ def test_adapter_that_does_not_fit_is_an_error_and_changes_nothing(hf_checkpoint
     assert all(m.r == 2 and m.scaling == 1.5 for m in lora_modules(model).values())
 
 
+# The fields our LoRAConfig sets itself; every other field of adapter_config.json carries PEFT's default.
+OUR_FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save", "fan_in_fan_out",
+              "task_type", "base_model_name_or_path", "inference_mode", "peft_version"}
+
+
+def test_adapter_config_has_pefts_fields_and_loads_in_peft(hf_checkpoints, tmp_path):
+    folder = hf_checkpoints["gpt2_lm"][0]
+    ours = apply_lora(CausalLM.from_pretrained(folder), r=3, alpha=5, dropout=0.1, target_modules=["c_attn", "c_fc"],
+                      use_rslora=True)
+    assert ours.name_or_path == str(folder)
+    save_adapter(ours, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    reference = peft.LoraConfig().to_dict()  # the installed peft's field set and defaults
+    assert set(written) >= set(reference), sorted(set(reference) - set(written))
+    for key in set(reference) - OUR_FIELDS:
+        assert written[key] == reference[key], key
+    assert written["inference_mode"] is True and written["base_model_name_or_path"] == str(folder)
+
+    config = peft.LoraConfig.from_pretrained(tmp_path)
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (3, 5, 0.1, True)
+    assert set(config.target_modules) == {"c_attn", "c_fc"} and config.fan_in_fan_out
+    assert config.task_type == "CAUSAL_LM" and config.base_model_name_or_path == str(folder)
+
+
+@pytest.mark.parametrize("name", ["gpt2_lm", "bert_seq"])
+def test_auto_peft_model_loads_our_adapter_offline(hf_checkpoints, tmp_path, monkeypatch, name):
+    """base_model_name_or_path is the folder our model came from: AutoPeftModel* finds the base by itself."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    saved = ["classifier"] if name == "bert_seq" else None
+    ours = apply_lora(OURS[name].from_pretrained(hf_checkpoints[name][0]), r=3, alpha=5,
+                      target_modules=(TARGETS[name] + ["dense"]) if saved else TARGETS[name], modules_to_save=saved)
+    _randomise_lora(ours)
+    if saved:
+        with torch.no_grad():
+            ours.classifier.weight.add_(1.0)
+    save_adapter(ours, tmp_path)
+    auto = {"gpt2_lm": peft.AutoPeftModelForCausalLM, "bert_seq": peft.AutoPeftModelForSequenceClassification}[name]
+    theirs = auto.from_pretrained(tmp_path).eval()
+    want, mask = _logits(theirs, name, seed=24)
+    got, _ = _logits(ours.eval(), name, seed=24)
+    assert max_rel_err(got, want, mask) <= 1e-5
+
+
+def test_unsupported_peft_features_are_refused(hf_checkpoints, tmp_path):
+    model = apply_lora(CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0]), r=2)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key, value, message in [("use_dora", True, "DoRA"), ("layers_to_transform", [0], "chosen layers"),
+                                ("lora_bias", True, "bias on lora_B"), ("bias", "all", "train biases")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=rf"adapter_config.json: {key}=.*{message}"):
+            load_adapter(CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0]), tmp_path)
+
+
 def test_default_targets_are_peft_defaults(hf_checkpoints):
     bert = apply_lora(SequenceClassifier.from_pretrained(hf_checkpoints["bert_seq"][0]))
     assert sorted(n.rsplit(".", 1)[-1] for n in lora_modules(bert)) == ["query", "query", "value", "value"]
