@@ -10,7 +10,13 @@ import torch
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """logits `[batch, vocab]` -> logits with the excluded tokens at -inf."""
+    """logits `[batch, vocab]` -> logits `[batch, vocab]` divided by temperature, the excluded tokens at -inf.
+
+    The same operations as transformers' Temperature-, TopK- and TopPLogitsWarper (tests/engine/test_sampling.py
+    compares them bit for bit): top-k keeps every token tied with the k-th; top-p drops the low tail whose
+    probability mass is at most 1 - top_p and always keeps the most likely token. top_k None or 0 and top_p
+    None or 1.0 switch a filter off.
+    """
     if temperature != 1.0:
         logits = logits / temperature
     if top_k is not None and top_k > 0:
@@ -45,11 +51,19 @@ def generate(
     produced `eos_token_id` is padded afterwards (with pad_token_id, or eos when the model has none); generation
     stops early when every row has finished. callback: called after each step with the new tokens `[batch]`
     (a progress bar, a streamer).
+
+    Sampling draws one `torch.multinomial` per step from `generator`, or from the global RNG when it is None,
+    exactly as HF does: after the same `torch.manual_seed`, HF's `generate(do_sample=True, ...)` picks the same
+    tokens. Unlike HF (whose default top_k is 50), top_k=None means no top-k filter.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filter), got {top_k}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (1 or None: no top-p filter), got {top_p}")
     was_training = model.training
     model.eval()
     if attention_mask is None:
