@@ -1,6 +1,8 @@
 """Attention backends agree with each other; bad checkpoints and configs fail with errors that name the culprit."""
 
 import json
+import re
+
 import pytest
 import torch
 
@@ -121,6 +123,25 @@ def test_wrong_shape_is_named(tmp_path, hf_checkpoints):
     save_file(state, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"h\.0\.mlp\.c_fc\.weight.*\[71, 52\]"):
         CausalLM.from_pretrained(folder)
+
+
+def test_index_pointing_at_the_wrong_shard_is_named(tmp_path, hf_checkpoints):
+    """An index whose weight_map sends a key to a shard without it: the index is blamed, not the shard."""
+    _, hf = hf_checkpoints["gpt2_lm"]
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    key = "transformer.h.1.mlp.c_fc.weight"
+    wrong = sorted(set(index["weight_map"].values()) - {index["weight_map"][key]})[0]
+    index["weight_map"][key] = wrong
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(f"index {index_file} maps '{key}' to {wrong}, "
+                                                       "which does not hold it")):
+        CausalLM.from_pretrained(tmp_path)
+    index["weight_map"][key] = "model-09999-of-09999.safetensors"  # a shard that is not there at all
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model-09999-of-09999\.safetensors: shard named in .* does not exist"):
+        CausalLM.from_pretrained(tmp_path)
 
 
 def test_unknown_model_type_is_named(tmp_path, hf_checkpoints):
