@@ -187,12 +187,13 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
-               use_rslora: bool = False, modules_to_save=None, backend: str = "auto"):
+               use_rslora: bool = False, modules_to_save=None, backend: str = "auto", verbose: bool = False):
     """Add LoRA adapters to `model` in place and freeze everything else; returns the model.
 
     target_modules: HF / PEFT module names (list: suffix match; str: regex full match); default as PEFT (BERT
     `query` + `value`, GPT-2 `c_attn`). modules_to_save: HF names of modules trained in full (e.g. `classifier`).
-    Logs trainable / total parameters; `count_parameters(model)` returns them.
+    verbose: print the trainable / total parameter counts (PEFT's print_trainable_parameters line), else log
+    them at INFO. `count_parameters(model)` returns them as numbers.
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; merge_lora or load a fresh model first")
@@ -215,9 +216,11 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
         for p in _get(model, ours).parameters():
             p.requires_grad_(True)
     model.lora_config = config
-    trainable, total = count_parameters(model)
-    logger.info("LoRA on %d modules: trainable params %d || all params %d || trainable %.4f%%",
-                len(chosen), trainable, total, 100 * trainable / total)
+    summary = f"LoRA r={r} on {len(chosen)} modules: {_trainable_parameters_line(model)}"
+    if verbose:
+        print(summary, flush=True)
+    else:
+        logger.info(summary)
     return model
 
 
@@ -251,6 +254,17 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _trainable_parameters_line(model) -> str:
+    """PEFT's print_trainable_parameters line: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.7300`."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def print_trainable_parameters(model) -> None:
+    """Print the trainable / total parameter counts, as PEFT's `PeftModel.print_trainable_parameters()` does."""
+    print(_trainable_parameters_line(model), flush=True)
 
 
 def merge_lora(model):

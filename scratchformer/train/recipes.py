@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def finetune(task: str, model: str, train_file, config: TrainConfig, eval_file=N
             # train it with the head and keep it in the adapter, or a merge onto the base would draw another.
             heads.append("pooler.dense")
         apply_lora(net, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.targets,
-                   modules_to_save=heads)
+                   modules_to_save=heads, verbose=os.environ.get("RANK", "0") == "0")  # once, not per torchrun process
     eval_fn = {"classify": classification_eval, "ner": ner_eval(data.label_names or []), "sft": evaluate_lm}[task]
     trainer = Trainer(net, config, train_data=data.train, eval_data=data.eval, eval_fn=eval_fn, tokenizer=tok,
                       callbacks=callbacks,

@@ -1,6 +1,8 @@
 """LoRA in the engine: PEFT adapters in and out with PEFT's logits, merge / unmerge, what training touches."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from scratchformer import (
     save_adapter,
     unmerge_lora,
 )
-from scratchformer.engine.lora import LoRALinear, lora_modules
+from scratchformer.engine.lora import LoRALinear, lora_modules, print_trainable_parameters
 
 from .conftest import max_rel_err, padded_batch
 
@@ -296,6 +298,29 @@ def test_unsupported_peft_features_are_refused(hf_checkpoints, tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(CheckpointError, match=rf"adapter_config.json: {key}=.*{message}"):
             load_adapter(CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0]), tmp_path)
+
+
+def test_parameter_counts_are_printed_as_peft_prints_them(hf_checkpoints, capsys):
+    folder = hf_checkpoints["gpt2_lm"][0]
+    quiet = apply_lora(CausalLM.from_pretrained(folder), r=3, target_modules=["c_attn", "c_fc"])
+    assert capsys.readouterr().out == ""  # verbose=False (the default) only logs
+    ours = apply_lora(CausalLM.from_pretrained(folder), r=3, target_modules=["c_attn", "c_fc"], verbose=True)
+    line = capsys.readouterr().out
+    trainable, total = count_parameters(ours)
+    assert count_parameters(quiet) == (trainable, total) and 0 < trainable < total
+    assert line.startswith("LoRA r=3 on 4 modules: ") and f"trainable params: {trainable:,} ||" in line
+
+    base = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    peft.get_peft_model(base, peft.LoraConfig(r=3, target_modules=["c_attn", "c_fc"])).print_trainable_parameters()
+    theirs = capsys.readouterr().out
+    print_trainable_parameters(ours)
+    assert capsys.readouterr().out == theirs and line.endswith(theirs)
+
+
+def test_the_package_never_imports_peft():
+    code = ("import sys, scratchformer, scratchformer.engine.lora, scratchformer.engine.merge, scratchformer.train; "
+            "sys.exit('peft' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_default_targets_are_peft_defaults(hf_checkpoints):
