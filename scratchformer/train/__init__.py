@@ -4,6 +4,7 @@
     pretrain("causal", "tokens/", "gpt2-tiny", TrainConfig(out="runs/lm", max_steps=200))  # a prepare_corpus folder
 """
 
+from scratchformer.train.checkpoints import seed_everything
 from scratchformer.train.clip import clip_grad_norm_
 from scratchformer.train.config import TrainConfig, read_config_file
 from scratchformer.train.optim import AdamW
@@ -29,4 +30,5 @@ __all__ = [
     "linear_warmup_linear_decay_schedule",
     "pretrain",
     "read_config_file",
+    "seed_everything",
 ]

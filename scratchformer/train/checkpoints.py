@@ -27,6 +27,17 @@ STATE_NAME = "trainer_state.pt"
 INFO_NAME = "info.json"
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random generator a run draws from (torch, CPU and CUDA; Python's `random`; numpy).
+
+    Call it before any weight is created: a model's initial weights, a new head and the LoRA A matrices come
+    from these generators, so seeding only when the loop starts would leave them to whatever ran before.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Every random generator a run draws from, as tensors and plain types (loadable with weights_only)."""
     np_state = np.random.get_state()

@@ -59,6 +59,7 @@ class TrainConfig:
             (self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0"),
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.best_mode in ("min", "max"), "best_mode must be 'min' or 'max'"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),  # numpy's seed range
         ]
         for ok, message in checks:
             if not ok:

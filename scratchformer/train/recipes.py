@@ -14,6 +14,7 @@ from pathlib import Path
 
 from scratchformer.engine.lora import apply_lora
 
+from .checkpoints import seed_everything
 from .config import TrainConfig
 from .tasks import (
     FINETUNE_TASKS,
@@ -49,6 +50,7 @@ def pretrain(task: str, data, model: str, config: TrainConfig, tokenizer=None, b
     """Pretrain a `mlm` or `causal` model on a prepared token folder. Returns the final model folder."""
     if task not in PRETRAIN_TASKS:
         raise ValueError(f"unknown pretraining task {task!r}; expected one of {sorted(PRETRAIN_TASKS)}")
+    seed_everything(config.seed)  # before the model's weights are drawn, so --seed fixes them
     tok = find_tokenizer(tokenizer, data, model if Path(model).is_dir() else None)
     net = load_model(PRETRAIN_TASKS[task], model, tok)
     if block_size > net.config.max_positions:
@@ -68,6 +70,7 @@ def finetune(task: str, model: str, train_file, config: TrainConfig, eval_file=N
     id2label / label2id) and trained alongside the adapters. Returns the final model folder."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(FINETUNE_TASKS)}")
+    seed_everything(config.seed)  # before a new head or the LoRA A matrices are drawn, so --seed fixes them
     tok = find_tokenizer(tokenizer, model if Path(model).is_dir() else None)
     data = finetune_data(task, tok, train_file, eval_file, batch_size=config.batch_size, seed=config.seed,
                          max_length=max_length, text_field=text_field, label_field=label_field)

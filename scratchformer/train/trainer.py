@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder, set_rng_state
+from .checkpoints import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder,
+                          seed_everything, set_rng_state)
 from .config import TrainConfig
 from .distributed import DistributedContext, ShardedBatches
 
@@ -94,7 +95,9 @@ class Trainer:
         from . import AdamW
 
         config = self.config
-        torch.manual_seed(config.seed)
+        # Again here, so dropout and anything else drawn during training start from the seed however much
+        # randomness building the model used (a caller who builds the model seeds before that: see recipes).
+        seed_everything(config.seed)
         self.model.to(self.device)
         if getattr(self.model, "body", None) is not None:
             self.model.body.gradient_checkpointing = config.gradient_checkpointing
