@@ -80,7 +80,7 @@ def _check_against_reference(q, k, v, *, causal, attention_mask, softmax_scale=N
 
 # (batch, heads, seq_q, seq_k, head_dim, causal, padded, dtype): odd lengths that are not block multiples,
 # seq_q < seq_k and seq_q > seq_k with both masks (the latter has causal rows that see no key), decoding
-# (seq_q = 1), head dims 8/16/24/64/80/128, all three dtypes.
+# (seq_q = 1), head dims 8/16/24/40/48/64/80/128, all three dtypes, causal and not in each.
 CASES = [
     (2, 2, 17, 17, 16, False, False, torch.float32),
     (3, 2, 67, 45, 24, True, True, torch.float32),
@@ -89,6 +89,8 @@ CASES = [
     (3, 2, 130, 67, 64, False, True, torch.float16),
     (3, 2, 67, 67, 80, True, True, torch.bfloat16),
     (3, 2, 33, 17, 24, False, True, torch.float16),
+    (2, 3, 45, 77, 48, True, True, torch.float16),  # fp16 causal, seq_q < seq_k (a KV-cache chunk)
+    (3, 2, 70, 33, 40, True, False, torch.float16),  # fp16 causal, seq_q > seq_k: the first rows see no key
     (2, 1, 17, 1, 16, True, False, torch.float32),
     (3, 1, 19, 23, 8, True, True, torch.float32),  # head_dim below 16 (tiny test models): padded to 16
     (1, 2, 40, 37, 128, False, False, torch.bfloat16),
