@@ -1,4 +1,4 @@
-"""`scratchformer demo`: the whole engine end to end, offline, on a laptop CPU in about two minutes.
+"""`scratchformer demo`: the whole engine end to end, offline, on a 2-core CPU in a minute or two.
 
     from scratchformer.demo import run_demo
     summary = run_demo("runs/demo", quick=True)     # the command: scratchformer demo [--quick] [--out DIR]
@@ -53,10 +53,15 @@ Everything it reads ships with Python or with an installed package; nothing is d
 An existing non-empty `--out` is refused unless `force=True` (`--force`); with it, only the entries the demo
 writes (the names above) are replaced, and anything else in the folder is left alone.
 
-`quick=True` (`--quick`) runs the same steps smaller. Timed with `time scratchformer demo` on a 2-core CPU:
-52 s for the full run and 28 s for the quick one when the cores were nearly free; 2 min 3 s and 70 s while other
-jobs kept both cores saturated (load 5-6; one PyTorch thread, see `cpu_threads`; with PyTorch's default two
-threads the same full run took 6 min 14 s).
+`quick=True` (`--quick`) runs the same steps smaller. How long it takes depends mostly on what else the CPU
+is doing. Measured with `time scratchformer demo` on 2026-11-24 on one 2-core x86_64 machine:
+
+    both cores nearly idle                          full run 52 s        --quick 28 s
+    both cores saturated by other jobs (load 5-6)   full run 2 min 3 s   --quick 70 s
+
+(one PyTorch thread under load, see `cpu_threads`; with PyTorch's default two threads the same loaded full run
+took 6 min 14 s). On 2026-12-02, on a more heavily loaded 2-core machine, `tests/test_demo.py`'s `--quick` run
+took about 100 s.
 """
 
 from __future__ import annotations
