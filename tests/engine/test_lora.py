@@ -111,6 +111,36 @@ def test_merge_unmerge_and_merged_checkpoint(hf_checkpoints, tmp_path):
         assert max_rel_err(hf(ids).logits, merged) <= 1e-5
 
 
+def test_bf16_bert_classifier_merge_unmerge_and_merged_checkpoint(hf_checkpoints, tmp_path):
+    """bf16 rounds every merge: merged matches unmerged, the HF checkpoint and unmerge to bf16 precision."""
+    folder = hf_checkpoints["bert_seq"][0]
+    ours = SequenceClassifier.from_pretrained(folder, dtype="bf16")
+    before = {n: p.clone() for n, p in ours.named_parameters()}
+    apply_lora(ours, r=5, alpha=7, target_modules=["query", "value", "dense"], modules_to_save=["classifier"])
+    _randomise_lora(ours)
+    with torch.no_grad():
+        ours.classifier.weight.add_(torch.randn_like(ours.classifier.weight))  # a trained head
+    ids, mask, types = padded_batch(101, [9, 4, 7], seed=25, type_vocab=2)
+    with torch.no_grad():
+        unmerged = ours(ids, attention_mask=mask, token_type_ids=types).logits
+        merge_lora(ours)
+        merged = ours(ids, attention_mask=mask, token_type_ids=types).logits
+        assert merged.dtype == torch.bfloat16 and max_rel_err(merged, unmerged) <= 3e-2
+        ours.save_pretrained(tmp_path)
+        largest = {n: p.abs().max().float() for n, p in ours.named_parameters()}  # of W + scaling * B A
+        unmerge_lora(ours)
+        for n, p in ours.named_parameters():
+            if n in before and not n.startswith("classifier."):
+                # Two bf16 roundings, of W + scaling * B A and of W, each at most half a unit in the last place.
+                bound = 2**-8 * (largest[n] + before[n].abs().max().float())
+                assert (p.float() - before[n].float()).abs().max() <= bound, n
+    hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert hf.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert max_rel_err(merged, want) <= 3e-2
+
+
 def test_training_touches_only_adapters_and_saved_modules(hf_checkpoints):
     model = SequenceClassifier.from_pretrained(hf_checkpoints["bert_seq"][0], hidden_dropout=0.0,
                                                attention_dropout=0.0)

@@ -73,10 +73,11 @@ def test_fp32_forward_and_grads(device, tokens, in_f, out_f, r, bias):
     assert_close(ours, ref, torch.float32)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens,in_f,out_f,r", [(7, 67, 129, 8), (37, 24, 40, 1)])
-def test_half_precision_forward_and_grads(device, dtype, tokens, in_f, out_f, r):
-    inputs = make_inputs((tokens,), in_f, out_f, r, dtype, device)
+def test_half_precision_forward_and_grads(device, dtype, tokens, in_f, out_f, r, bias):
+    inputs = make_inputs((tokens,), in_f, out_f, r, dtype, device, bias)
     ours, ref = run_both(*inputs, scaling=0.5)
     assert_close(ours, ref, dtype)
 
