@@ -196,7 +196,8 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
     them at INFO. `count_parameters(model)` returns them as numbers.
     """
     if lora_modules(model):
-        raise ValueError("the model already has LoRA adapters; merge_lora or load a fresh model first")
+        raise ValueError("the model already has LoRA adapters: load_adapter replaces them with a saved adapter; "
+                         "for new ones start from a fresh model")
     family = model.config.model_type
     targets = DEFAULT_TARGETS[family] if target_modules is None else target_modules
     chosen = _target_paths(model, targets)

@@ -165,6 +165,9 @@ def test_lora_errors(hf_checkpoints, tmp_path):
     model = CausalLM.from_pretrained(hf_checkpoints["gpt2_lm"][0])
     with pytest.raises(ValueError, match=r"match no module.*c_attn"):
         apply_lora(model, target_modules=["query"])
+    apply_lora(model, r=2)
+    with pytest.raises(ValueError, match=r"already has LoRA adapters: load_adapter replaces them"):
+        apply_lora(model, r=4)
 
 
 def _logits(model, name, seed):
