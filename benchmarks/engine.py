@@ -5,14 +5,18 @@ Models: a MiniLM-sized BERT (the real all-MiniLM-L6-v2 shape) and a GPT-2-small-
 inputs; timings alternate between the two, so drift on the machine hits both equally. Reports medians and
 the ratio ours / HF (goal: at most 1.0).
 
+Before anything is timed, both models' logits on the timed batch must agree (max |ours - HF| / max |HF|
+<= 1e-4 in fp32 on the CPU; 5e-3 on CUDA, where the triton path's kernels multiply in TF32 as the engine tests
+allow), so a fast wrong model can never be reported. The results go to `results/engine_<device>.md`, the
+device named by `benchmarks/harness.py`'s `device_info` (`CPU`, `H100`, ...), like every other benchmark;
+`--quick` (tiny sizes, only checks that the script works) writes nothing unless `--out` is given.
+
     PYTHONPATH=. python benchmarks/engine.py [--quick] [--device cpu|cuda] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,7 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import device_info  # noqa: E402
 from scratchformer import CausalLM, MaskedLM  # noqa: E402
+
+# How far our logits may be from HF's before the benchmark refuses to time: fp32 on the CPU computes the same
+# sums in a different order (measured ~1e-6); on CUDA our triton kernels use TF32 dots (the tests' 5e-3).
+LOGITS_TOL = {"cpu": 1e-4, "cuda": 5e-3}
 
 
 def _models(kind: str, quick: bool):
@@ -54,6 +63,22 @@ def _time(fn, device, reps):
     return times
 
 
+def check_same_logits(kind: str, ours, hf, ids, mask, tol: float) -> float:
+    """Raise SystemExit unless our logits `[batch, seq, vocab]` equal HF's within `tol` (max abs error over the
+    largest HF logit); returns that error. Both models run in eval mode; timing later runs them in train mode
+    with every dropout at zero, which computes the same function."""
+    ours.eval()
+    hf.eval()
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask).logits.double()
+        want = hf(input_ids=ids, attention_mask=mask).logits.double()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if not err <= tol:  # also catches NaN
+        raise SystemExit(f"{kind}: our logits differ from transformers' by {err:.2e} (> {tol:g}); not timing a wrong model")
+    print(f"{kind}: logits match transformers (rel. err {err:.1e} <= {tol:g})")
+    return err
+
+
 def bench(kind: str, device: str, batch: int, seq: int, reps: int, quick: bool, dtype=torch.float32):
     torch.manual_seed(0)
     hf, ours_cls, vocab = _models(kind, quick)
@@ -69,6 +94,7 @@ def bench(kind: str, device: str, batch: int, seq: int, reps: int, quick: bool, 
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     mask = torch.ones_like(ids)
     labels = ids.clone()
+    check_same_logits(kind, ours, hf, ids, mask, LOGITS_TOL["cuda" if device == "cuda" else "cpu"])
 
     def fwd(model, hf_style):
         with torch.no_grad():
@@ -100,7 +126,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny run that only checks the script works")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results; with --quick: none)")
     args = parser.parse_args(argv)
     batch, seq = (2, 32) if args.quick else (8, 128)
     reps = args.reps or (2 if args.quick else 7)
@@ -109,21 +135,24 @@ def main(argv=None):
     for kind in ("bert", "gpt2"):
         rows += bench(kind, args.device, batch, seq, reps, args.quick, dtype)
 
-    if args.device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    info = device_info()
+    if args.device != "cuda" and info["cuda"]:  # timing the CPU of a GPU machine: name the CPU, not the GPU
+        info = {**info, "name": "CPU", "tag": "CPU"}
+    threads = "" if args.device == "cuda" else f", {torch.get_num_threads()} PyTorch threads"
     header = (f"# Engine vs transformers, batch {batch} x {seq} tokens, {str(dtype).removeprefix('torch.')}\n\n"
-              f"Device: {name}. Date: {datetime.date.today()}. torch {torch.__version__}, "
-              f"transformers {__import__('transformers').__version__}. Medians of {reps} alternating runs.\n\n")
+              f"Device: {info['name']}{threads}. Date: {info['date']}. Python {info['python']}, torch {info['torch']}, "
+              f"transformers {__import__('transformers').__version__}, Triton {info['triton']}. "
+              f"Medians of {reps} alternating runs; logits checked against transformers before timing.\n\n")
     table = "| model | phase | ours (ms) | transformers (ms) | ours / HF |\n|---|---|---:|---:|---:|\n"
     table += "".join(f"| {k} | {p} | {o:.1f} | {h:.1f} | {r:.2f} |\n" for k, p, o, h, r in rows)
     print(header + table)
-    if not args.quick:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = "cuda" if args.device == "cuda" else "cpu"
-        (out / f"engine_{tag}.md").write_text(header + table)
+    if args.quick and args.out is None:
+        return  # toy sizes: never overwrite the committed results by default
+    out = Path(args.out or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"engine_{info['tag']}{'_quick' if args.quick else ''}.md"
+    path.write_text(header + table)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
