@@ -7,8 +7,9 @@ heads = 2048 / head_dim, causal and not. For each provider it measures forward, 
 (median of `triton.testing.do_bench`) as TFLOP/s, and the peak memory of forward+backward above the inputs.
 FLOPs: 4 * batch * heads * seq_q * seq_k * head_dim for the forward (half when causal); the backward is 2.5
 times that. Providers: `triton` (ours), `sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math` (via
-`torch.nn.attention.sdpa_kernel`), and `eager` (matmul, softmax, matmul in the input dtype). A provider that
-errors (unsupported) or would not fit in memory is shown as "-".
+`torch.nn.attention.sdpa_kernel`), and `eager`: the engine's own `attention="eager"` path,
+`scratchformer.engine.attention.eager_attention` (matmul, softmax in fp32, matmul, all scores in memory). A
+provider that errors (unsupported) or would not fit in memory is shown as "-".
 
 On the CPU (no CUDA) it runs tiny fp32 sizes with the reference paths only (eager, sdpa-math and ours under
 the Triton interpreter when TRITON_INTERPRET=1), timed with wall clock, so the script never rots.
@@ -28,6 +29,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.harness import Benchmark  # noqa: E402
+from scratchformer.engine.attention import eager_attention  # noqa: E402
 from scratchformer.kernels import flash_attention  # noqa: E402
 
 # H100 SXM ceilings for bf16 dense matrix products (attention is matmul-bound).
@@ -35,14 +37,9 @@ H100_SPEC_TFLOPS = 989.0
 H100_MEASURED_TFLOPS = 790.0  # measured matmul throughput, see shared/REFERENCE.md
 
 
-def eager_attention(q, k, v, causal):
-    """The plain matmul-softmax-matmul path, in the input dtype, materialising the scores."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        seq_q, seq_k = q.shape[-2], k.shape[-2]
-        keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+def eager(q, k, v, causal):
+    """The engine's eager attention as the model runs it: no padding, no dropout, scale head_dim ** -0.5."""
+    return eager_attention(q, k, v, causal=causal, key_padding_mask=None, dropout_p=0.0, scale=q.shape[-1] ** -0.5)
 
 
 def _sdpa(backend):
@@ -65,7 +62,7 @@ def providers(on_gpu: bool) -> dict:
             if hasattr(SDPBackend, attr):
                 found[f"sdpa-{name}"] = _sdpa(getattr(SDPBackend, attr))
     found["sdpa-math"] = _sdpa(SDPBackend.MATH)
-    found["eager"] = eager_attention
+    found["eager"] = eager
     return found
 
 
@@ -74,9 +71,12 @@ def attention_flops(batch, heads, seq_q, seq_k, head_dim, causal, mode) -> float
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
-def _quadratic_bytes(batch, heads, seq, dtype) -> int:
-    """Rough peak of a path that materialises the scores: the scores, the probabilities and their gradients."""
-    return 4 * batch * heads * seq * seq * torch.finfo(dtype).bits // 8
+def _quadratic_bytes(name, batch, heads, seq, dtype) -> int:
+    """Rough peak of a path that materialises the scores: the scores, the probabilities and their gradients
+    in the input dtype; the engine's eager path also holds its softmax's fp32 output and fp32 gradients."""
+    elements = batch * heads * seq * seq
+    fp32_copies = 2 if name == "eager" else 0
+    return elements * (4 * torch.finfo(dtype).bits // 8 + fp32_copies * 4)
 
 
 def make_provider(name, fn, dtype, device):
@@ -88,7 +88,7 @@ def make_provider(name, fn, dtype, device):
         batch, heads, seq, head_dim, causal = (case[k] for k in ("batch", "heads", "seq", "head_dim", "causal"))
         if name in ("eager", "sdpa-math") and ON_GPU:
             free, _ = torch.cuda.mem_get_info()
-            if _quadratic_bytes(batch, heads, seq, dtype) > 0.8 * free:
+            if _quadratic_bytes(name, batch, heads, seq, dtype) > 0.8 * free:
                 return None  # would not fit
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))

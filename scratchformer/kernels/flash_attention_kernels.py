@@ -50,9 +50,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuning
 # ----------------------------------------------------------------------------------------------------------
 # Keys: bucketed sequence lengths (next power of two, so KV-cache decoding, where Sk grows by one per step,
-# does not retune at every step), the padded head dim and the causal flag. The bucket arguments are passed
-# by the launcher only for this purpose.
-_AUTOTUNE_KEY = ["seq_q_bucket", "seq_k_bucket", "BLOCK_D", "CAUSAL"]
+# does not retune at every step), the padded head dim and the three mask flags. The bucket arguments are
+# passed by the launcher only for this purpose. Each flag compiles a different kernel (the padding mask adds a
+# load per key block, dropout a random number per score), so each variant gets its own tuning rather than
+# inheriting the block sizes the first variant to run happened to pick. (Triton adds the tensors' dtypes.)
+_AUTOTUNE_KEY = ["seq_q_bucket", "seq_k_bucket", "BLOCK_D", "CAUSAL", "HAS_MASK", "HAS_DROPOUT"]
 
 
 def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:

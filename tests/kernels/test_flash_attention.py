@@ -321,6 +321,17 @@ def test_large_shapes_on_gpu(device, causal, head_dim):
     _check_against_reference(q, k, v, causal=causal, attention_mask=None, dropout_mask=dropout_mask, dropout_p=p)
 
 
+def test_autotune_key_separates_every_compiled_variant():
+    """Each mask flag compiles another kernel, so each must be in the tuning key (or the variants share the block
+    sizes of whichever ran first), and every key name must be a kernel argument (Triton 3.6 silently drops
+    one that is not, so a typo would tune once and never again)."""
+    from scratchformer.kernels import flash_attention_kernels as kern
+
+    for kernel in (kern._flash_attn_fwd_kernel, kern._flash_attn_bwd_kv_kernel, kern._flash_attn_bwd_q_kernel):
+        assert set(kernel.keys) <= set(kernel.arg_names)
+        assert {"CAUSAL", "HAS_MASK", "HAS_DROPOUT", "BLOCK_D", "seq_q_bucket", "seq_k_bucket"} <= set(kernel.keys)
+
+
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 80), (torch.float32, 128), (torch.bfloat16, 128),
                                              (torch.float16, 64)])
 def test_autotune_pruning_keeps_configs_that_fit_shared_memory(dtype, head_dim):
