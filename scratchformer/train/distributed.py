@@ -2,13 +2,14 @@
 
 Without torchrun's environment variables everything here is a no-op, so the single-process path is the same
 code. Gradients are synchronised only on the last micro-step of an accumulated step; each rank reads every
-`world_size`-th batch of the same stream; only rank 0 writes files.
+`world_size`-th batch of the same stream (`ShardedBatches`, in rounds); only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -79,20 +80,31 @@ def _destroy_process_group() -> None:
 
 
 class ShardedBatches:
-    """Rank r of w takes batches r, r + w, r + 2w, ... of the underlying stream (a distributed sampler over
-    batches). The position is the underlying loader's, so checkpoints and resume work unchanged."""
+    """Rank r of w takes batch r of every round of w consecutive batches of the underlying stream (a distributed
+    sampler over batches).
+
+    Each rank reads a whole round before it hands out its batch, so whenever a rank is between two of its
+    batches, every rank's underlying loader stands at the same round boundary. The position rank 0 checkpoints
+    is therefore every rank's, and each rank resumes from it exactly: state_dict / load_state_dict are the
+    underlying loader's. A last round with fewer than w batches is dropped (as DistributedSampler's drop_last):
+    every rank takes the same number of batches per pass, so none waits on a gradient all-reduce the others never
+    join. Data without a position of its own (a plain list) is resumed by the Trainer skipping the batches a rank
+    already took, which the fixed rounds make exact too.
+    """
 
     def __init__(self, batches, rank: int, world_size: int):
         self.batches, self.rank, self.world_size = batches, rank, world_size
 
     def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i % self.world_size == self.rank:
-                yield batch
+        stream = iter(self.batches)
+        while True:
+            round_ = list(itertools.islice(stream, self.world_size))
+            if len(round_) < self.world_size:
+                return
+            yield round_[self.rank]
 
     def state_dict(self):
-        return self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
+        return self.batches.state_dict()
 
     def load_state_dict(self, state):
-        if hasattr(self.batches, "load_state_dict"):
-            self.batches.load_state_dict(state)
+        self.batches.load_state_dict(state)

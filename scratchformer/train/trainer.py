@@ -109,9 +109,12 @@ class Trainer:
         self.forward_model = self.dist.wrap(self.model, self.device)
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
-        data = ShardedBatches(self.train_data, self.dist.rank, self.dist.world_size) if self.dist.enabled else self.train_data
-        self.data = data
-        self.batches_consumed = 0
+        self.data = (ShardedBatches(self.train_data, self.dist.rank, self.dist.world_size) if self.dist.enabled
+                     else self.train_data)
+        # Asked of the caller's data, not of the wrapper: ShardedBatches hands its position to the data it wraps,
+        # and data without one (a plain list) is resumed by skipping the batches this rank already took.
+        self.data_has_position = hasattr(self.train_data, "state_dict") and hasattr(self.train_data, "load_state_dict")
+        self.batches_consumed = 0  # by this rank
 
     def _autocast(self):
         if self.config.precision == "fp32":
@@ -122,7 +125,7 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------------
 
     def _state(self) -> dict:
-        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else {}
+        data_state = self.data.state_dict() if self.data_has_position else {}
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -144,7 +147,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.loss_scale, self.good_steps = state["step"], state["loss_scale"], state["good_steps"]
         self.batches_consumed = state["batches_consumed"]
-        if hasattr(self.data, "load_state_dict"):
+        if self.data_has_position:
             self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self._log_line({"event": "resumed", "step": self.step, "checkpoint": folder.name})
@@ -159,14 +162,19 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------
 
     def _batches(self):
-        """An endless stream of batches (re-iterating the data each epoch); skips what a resumed run consumed."""
+        """An endless stream of batches, re-iterating the data each epoch."""
+        empty_passes = 0
         while True:
             produced = False
             for batch in self.data:
                 produced = True
                 yield batch
-            if not produced:
-                raise ValueError("the training data yielded no batch")
+            # One empty pass is legitimate: a run resumed from a checkpoint taken at the very end of an epoch finds
+            # that epoch's remainder empty. Two in a row mean the data has no batch at all.
+            empty_passes = 0 if produced else empty_passes + 1
+            if empty_passes == 2:
+                per_pass = f" (under DDP each pass needs at least {self.dist.world_size})" if self.dist.enabled else ""
+                raise ValueError(f"the training data yielded no batch{per_pass}")
 
     def train(self, resume: bool = False, stop_after: int | None = None) -> list[dict]:
         """Run until config.max_steps; returns the logged records (also in <out>/metrics.jsonl).
@@ -185,7 +193,7 @@ class Trainer:
             (self.out / "run.json").write_text(
                 json.dumps({"train_config": config.to_dict(), **self.extra_info}, indent=2, default=str) + "\n")
         batches = self._batches()
-        if not hasattr(self.data, "load_state_dict"):  # a plain iterable: skip what was consumed before
+        if not self.data_has_position:  # a plain iterable: skip what this rank consumed before the checkpoint
             batches = itertools.islice(batches, self.batches_consumed, None)
         progress = _progress_bar(config, self.step, self.dist.is_main)
         tokens_since, time_since = 0, time.perf_counter()
