@@ -18,7 +18,7 @@ from pathlib import Path
 # Task options and their defaults (the TrainConfig fields are the others a --config file may set).
 PRETRAIN_OPTIONS = {"task": None, "data": None, "model": None, "tokenizer": None, "block_size": 128}
 FINETUNE_OPTIONS = {"task": None, "model": None, "train": None, "eval": None, "tokenizer": None, "text_field": "text",
-                    "label_field": "label", "max_length": None, "lora_r": None, "lora_alpha": 16.0,
+                    "label_field": "label", "label_names": None, "max_length": None, "lora_r": None, "lora_alpha": 16.0,
                     "lora_dropout": 0.0, "lora_targets": None}
 PRETRAIN_TASKS = ("mlm", "causal")
 FINETUNE_TASKS = ("classify", "ner", "sft")
@@ -192,6 +192,20 @@ def _lora(opts: dict):
     return LoRASettings(r=opts["lora_r"], alpha=float(alpha), dropout=float(opts["lora_dropout"]), targets=targets)
 
 
+def _label_names(value) -> list[str] | None:
+    """--label-names "O,B-PER,I-PER" (or a list of strings in the --config file) -> the names in id order."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"--label-names: give the label names in id order, separated by commas (e.g. O,B-PER,I-PER), "
+                         f"got {value!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--label-names: each name once, got {repeated} more than once")
+    return names
+
+
 def _check_file(flag: str, path, task: str) -> None:
     suffixes = (".jsonl", ".csv") if task == "classify" else (".jsonl",) if task == "sft" else (".jsonl", ".json",
                                                                                                   ".csv", ".txt")
@@ -209,6 +223,7 @@ def cmd_finetune(args) -> int:
     if task not in FINETUNE_TASKS:
         raise ValueError(f"TASK {task!r}: expected one of {', '.join(FINETUNE_TASKS)}")
     _positive(opts, "max_length")
+    label_names = _label_names(opts["label_names"])
     lora = _lora(opts)
     _check_file("--train", opts["train"], task)
     if opts["eval"] is not None:
@@ -220,7 +235,7 @@ def cmd_finetune(args) -> int:
 
     final = finetune(task, opts["model"], opts["train"], config, eval_file=opts["eval"], tokenizer=opts["tokenizer"],
                      lora=lora, resume=resume, max_length=opts["max_length"], text_field=opts["text_field"],
-                     label_field=opts["label_field"], callbacks=[_printer])
+                     label_field=opts["label_field"], label_names=label_names, callbacks=[_printer])
     return _report(final, Path(config.out))
 
 
@@ -292,6 +307,9 @@ def add_train_commands(sub, formatter_class, example) -> None:
     fine.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: the model's)")
     fine.add_argument("--text-field", default=None, help="classify: the text field (default: text)")
     fine.add_argument("--label-field", default=None, help="classify: the label field (default: label)")
+    fine.add_argument("--label-names", default=None, metavar="O,B-PER,...",
+                      help="the label set in id order; names integer labels or NER tags (default: the names in "
+                           "--train; integer NER tags: the model's id2label)")
     fine.add_argument("--max-length", type=int, default=None, metavar="N", help="truncate examples to N tokens")
     lora = fine.add_argument_group("LoRA (absent --lora-r: full fine-tuning)")
     lora.add_argument("--lora-r", type=int, default=None, metavar="R", help="adapter rank")

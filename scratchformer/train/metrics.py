@@ -25,36 +25,77 @@ def macro_f1(predictions: Sequence[int], labels: Sequence[int], num_labels: int 
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
-    """(type, start, end) spans from BIO / IOB2 tags, as seqeval's default (non-strict) mode reads them.
+# Entity tags: "O", or a prefix and a type ("B-PER"). B begins, I continues, E ends, S is a one-word entity:
+# IOB1, IOB2 (BIO) and IOBES all read with the same rules. A bare prefix ("B") has the type "_", as in seqeval.
+TAG_PREFIXES = ("B", "I", "E", "S")
 
-    An entity starts at B-X, or at I-X that follows O or a different type; it ends before the next tag that
-    is not I-X of the same type.
+
+def split_tag(tag: str) -> tuple[str, str]:
+    """("B", "PER") for "B-PER", ("O", "_") for "O". Anything else is an error: a tag set named "0", "1", ... or
+    "PER" has no entity boundaries to read, and seqeval would silently make nonsense of it."""
+    if tag == "O":
+        return "O", "_"
+    prefix, dash, kind = str(tag).partition("-")
+    if not isinstance(tag, str) or prefix not in TAG_PREFIXES or (not dash and tag != prefix):
+        raise ValueError(f"NER tag {tag!r}: expected O or a B-, I-, E- or S- prefix and a type (e.g. B-PER)")
+    return prefix, kind or "_"
+
+
+def check_tags(tags: Sequence[str]) -> None:
+    """Raise ValueError naming the first tag that `split_tag` cannot read."""
+    for tag in tags:
+        split_tag(tag)
+
+
+def _chunk_ends(prev: str, prefix: str, prev_kind: str, kind: str) -> bool:
+    """Does the entity in progress end before this tag? (seqeval's end_of_chunk)"""
+    return (prev in ("E", "S")  # E and S close their entity
+            or (prev in ("B", "I") and prefix in ("B", "S", "O"))  # a new entity or none follows
+            or (prev != "O" and prev_kind != kind))  # the type changes
+
+
+def _chunk_starts(prev: str, prefix: str, prev_kind: str, kind: str) -> bool:
+    """Does an entity start at this tag? (seqeval's start_of_chunk)"""
+    return (prefix in ("B", "S")
+            or (prefix in ("I", "E") and prev in ("O", "E", "S"))  # I- or E- with nothing open: a start anyway
+            or (prefix != "O" and prev_kind != kind))  # the type changes
+
+
+def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) spans, end exclusive, read from IOB1 / IOB2 / IOBES tags exactly as seqeval's default
+    (non-strict, conlleval-compatible) mode reads them: an I- after O or after another type starts an entity,
+    B-X I-Y is two entities, and so on. Unknown tags raise ValueError.
     """
-    spans, start, kind = set(), None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, _, label = tag.partition("-") if tag != "O" else ("O", "", "")
-        begins = prefix == "B" or (prefix == "I" and label != kind)
-        if kind is not None and (prefix == "O" or begins):
-            spans.add((kind, start, i))
-            kind = None
-        if prefix in ("B", "I") and (begins or kind is None):
-            start, kind = i, label
+    spans, start = set(), 0
+    prev, prev_kind = "O", ""
+    for i, tag in enumerate([*tags, "O"]):  # the final O closes an entity still open
+        prefix, kind = split_tag(tag)
+        if _chunk_ends(prev, prefix, prev_kind, kind):
+            spans.add((prev_kind, start, i))
+        if _chunk_starts(prev, prefix, prev_kind, kind):
+            start = i
+        prev, prev_kind = prefix, kind
     return spans
 
 
 def entity_f1(predicted: Sequence[Sequence[str]], gold: Sequence[Sequence[str]]) -> float:
-    """Micro F1 over entity spans of all sentences (seqeval's `f1_score`)."""
+    """Micro F1 over the entity spans of all sentences (seqeval's `f1_score`; 0 when there is no entity at all).
+
+    Sentences are read one by one: seqeval joins them with an O between, which closes every entity at a
+    sentence's end just the same.
+    """
+    if len(predicted) != len(gold):
+        raise ValueError(f"{len(predicted)} predicted sentences but {len(gold)} gold ones")
     tp = n_pred = n_gold = 0
     for p, g in zip(predicted, gold):
+        if len(p) != len(g):
+            raise ValueError(f"a sentence has {len(p)} predicted tags but {len(g)} gold ones")
         ps, gs = entities(p), entities(g)
         tp += len(ps & gs)
         n_pred += len(ps)
         n_gold += len(gs)
-    if tp == 0:
-        return 0.0
-    precision, recall = tp / n_pred, tp / n_gold
-    return 2 * precision * recall / (precision + recall)
+    # 2PR / (P + R) with P = tp / n_pred and R = tp / n_gold, without dividing by zero.
+    return 2 * tp / (n_pred + n_gold) if tp else 0.0
 
 
 def perplexity(loss: float) -> float:

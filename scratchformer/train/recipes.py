@@ -25,6 +25,7 @@ from .tasks import (
     find_tokenizer,
     finetune_data,
     load_model,
+    model_label_names,
     ner_eval,
     pretrain_data,
 )
@@ -65,15 +66,20 @@ def pretrain(task: str, data, model: str, config: TrainConfig, tokenizer=None, b
 
 def finetune(task: str, model: str, train_file, config: TrainConfig, eval_file=None, tokenizer=None,
              lora: LoRASettings | None = None, resume: bool = False, max_length: int | None = None,
-             text_field: str = "text", label_field: str = "label", callbacks=()) -> Path:
+             text_field: str = "text", label_field: str = "label", label_names: list[str] | None = None,
+             callbacks=()) -> Path:
     """Fine-tune `classify` / `ner` / `sft`, full or with LoRA. The head is made for the label set (saved as
-    id2label / label2id) and trained alongside the adapters. Returns the final model folder."""
+    id2label / label2id) and trained alongside the adapters. Returns the final model folder.
+
+    label_names: the label set in id order, e.g. ["O", "B-PER", "I-PER"] for NER tags given as integers (without
+    it, integer NER tags take their names from the model's id2label, or are refused)."""
     if task not in FINETUNE_TASKS:
         raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(FINETUNE_TASKS)}")
     seed_everything(config.seed)  # before a new head or the LoRA A matrices are drawn, so --seed fixes them
     tok = find_tokenizer(tokenizer, model if Path(model).is_dir() else None)
     data = finetune_data(task, tok, train_file, eval_file, batch_size=config.batch_size, seed=config.seed,
-                         max_length=max_length, text_field=text_field, label_field=label_field)
+                         max_length=max_length, text_field=text_field, label_field=label_field,
+                         label_names=label_names, model_label_names=model_label_names(model) if task == "ner" else None)
     overrides = {}
     if data.label_names is not None:
         if Path(model).is_dir():
@@ -88,7 +94,7 @@ def finetune(task: str, model: str, train_file, config: TrainConfig, eval_file=N
             heads.append("pooler.dense")
         apply_lora(net, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.targets,
                    modules_to_save=heads, verbose=os.environ.get("RANK", "0") == "0")  # once, not per torchrun process
-    eval_fn = {"classify": classification_eval, "ner": ner_eval(data.label_names or []), "sft": evaluate_lm}[task]
+    eval_fn = ner_eval(data.label_names) if task == "ner" else {"classify": classification_eval, "sft": evaluate_lm}[task]
     trainer = Trainer(net, config, train_data=data.train, eval_data=data.eval, eval_fn=eval_fn, tokenizer=tok,
                       callbacks=callbacks,
                       extra_info={"task": task, "model": str(model), "train_file": str(train_file),

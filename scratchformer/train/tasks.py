@@ -28,7 +28,7 @@ from scratchformer.tokenize import (
     read_token_classification,
 )
 
-from .metrics import accuracy, entity_f1, macro_f1
+from .metrics import accuracy, check_tags, entity_f1, macro_f1
 
 PRETRAIN_TASKS = {"mlm": MaskedLM, "causal": CausalLM}
 FINETUNE_TASKS = {"classify": SequenceClassifier, "ner": TokenClassifier, "sft": CausalLM}
@@ -182,7 +182,17 @@ class FinetuneData:
 
 
 def finetune_data(task: str, tokenizer: Tokenizer, train_file, eval_file=None, *, batch_size: int, seed: int,
-                  max_length: int | None = None, label_names=None, text_field="text", label_field="label") -> FinetuneData:
+                  max_length: int | None = None, label_names=None, text_field="text", label_field="label",
+                  model_label_names=None) -> FinetuneData:
+    """Batches and the label set of a fine-tuning task.
+
+    label_names: the label set in id order (labels and tags are then names from it or ids into it).
+    model_label_names: the id2label of the model being fine-tuned; NER tags that are integers name themselves
+    from it when label_names is not given. Integer NER tags named by neither are an error: entity F1 has to
+    read B- / I- prefixes.
+    """
+    if label_names is not None and task == "sft":
+        raise ValueError("--label-names: sft has no labels (it is for classify and ner)")
     if task == "classify":
         train = read_classification(train_file, text_field=text_field, label_field=label_field, label_names=label_names)
         names = train.label_names
@@ -190,7 +200,22 @@ def finetune_data(task: str, tokenizer: Tokenizer, train_file, eval_file=None, *
         val = read_classification(eval_file, text_field=text_field, label_field=label_field, label_names=names) if eval_file else None
     elif task == "ner":
         train = read_token_classification(train_file, label_names=label_names)
+        if label_names is None and train.label_names == [str(i) for i in range(len(train.label_names))]:
+            # Integer tags: the reader can only call them "0", "1", ..., which have no entity boundaries.
+            if model_label_names is None:
+                raise ValueError(
+                    f"--train {train_file}: the NER tags are integers (0..{len(train.label_names) - 1}) without "
+                    "names, so no entity can be read from them; name them in id order with --label-names "
+                    "(e.g. O,B-PER,I-PER), or fine-tune a model whose config.json has id2label")
+            train = read_token_classification(train_file, label_names=model_label_names)
+            named_by = "the model's id2label"
+        else:
+            named_by = "--label-names" if label_names is not None else f"--train {train_file}"
         names = train.label_names
+        try:
+            check_tags(names)
+        except ValueError as err:
+            raise ValueError(f"{named_by}: {err}") from None
         collate = TokenClassificationCollator(tokenizer, max_length=max_length)
         val = read_token_classification(eval_file, label_names=names) if eval_file else None
     elif task == "sft":
@@ -206,6 +231,18 @@ def finetune_data(task: str, tokenizer: Tokenizer, train_file, eval_file=None, *
     loader = ExampleLoader(train.examples(), collate, batch_size=batch_size, seed=seed)
     val_loader = ExampleLoader(val.examples(), collate, batch_size=batch_size, shuffle=False) if val is not None else None
     return FinetuneData(loader, val_loader, names)
+
+
+def model_label_names(spec) -> list[str] | None:
+    """The label names of a model folder's (or config.json's) head in id order; None when it has no names of its
+    own (no id2label, or HF's generic LABEL_0, LABEL_1, ...)."""
+    path = Path(spec)
+    file = path / "config.json" if path.is_dir() else path
+    if file.suffix != ".json" or not file.is_file():
+        return None  # a preset
+    config = ModelConfig.from_json_file(file)
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    return names if names and not all(name.startswith("LABEL_") for name in names) else None
 
 
 def check_label_set(model_dir: Path, label_names: list[str]) -> None:
@@ -240,14 +277,17 @@ def classification_eval(model, batches) -> dict:
 
 
 def ner_eval(label_names: list[str]):
-    """Entity-level F1 on the first sub-token of each word (the positions with a label)."""
+    """Entity-level F1 (seqeval's default mode) and token accuracy on the first sub-token of each word (the
+    positions with a label); the loss is weighted by those positions, as the other evaluations weight theirs."""
+    check_tags(label_names)
 
     def evaluate(model, batches) -> dict:
         pred_tags, gold_tags, total, n = [], [], 0.0, 0
         for batch in batches:
             out = model(**batch)
-            total += float(out.loss)
-            n += 1
+            k = int((batch["labels"] != -100).sum())
+            total += float(out.loss) * k
+            n += k
             for logits, labels in zip(out.logits.argmax(-1), batch["labels"]):
                 keep = labels != -100
                 pred_tags.append([label_names[i] for i in logits[keep].tolist()])
