@@ -20,6 +20,8 @@ PRETRAIN_OPTIONS = {"task": None, "data": None, "model": None, "tokenizer": None
 FINETUNE_OPTIONS = {"task": None, "model": None, "train": None, "eval": None, "tokenizer": None, "text_field": "text",
                     "label_field": "label", "label_names": None, "max_length": None, "lora_r": None, "lora_alpha": 16.0,
                     "lora_dropout": 0.0, "lora_targets": None}
+# Task options that are names or paths; a --config file could give them as numbers or lists.
+STRING_OPTIONS = {"task", "data", "model", "tokenizer", "train", "eval", "text_field", "label_field"}
 PRETRAIN_TASKS = ("mlm", "causal")
 FINETUNE_TASKS = ("classify", "ner", "sft")
 
@@ -57,6 +59,11 @@ def _settings(args, options: dict):
         return _flag(name) if name in given or not args.config else f"--config {args.config} ({name})"
 
     opts = {k: merged.get(k, default) for k, default in options.items()}
+    for name, value in opts.items():
+        if name in STRING_OPTIONS and value is not None and not isinstance(value, str):
+            raise ValueError(f"{source(name)}: {name} must be a string (got {value!r})")
+    if not isinstance(merged.get("resume", False), bool):
+        raise ValueError(f"{source('resume')}: resume must be true or false (got {merged['resume']!r})")
     train = {k: merged[k] for k in train_fields if k in merged}
     if "out" not in train:
         raise ValueError("--out is required (or `out` in the --config file)")
@@ -70,7 +77,7 @@ def _settings(args, options: dict):
     except ValueError as err:
         raise ValueError(f"{source(str(err).split()[0])}: {err}") from None
 
-    resume = bool(merged.get("resume", False))
+    resume = merged.get("resume", False)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
@@ -181,15 +188,23 @@ def _lora(opts: dict):
     if opts["lora_r"] is None:
         return None
     _positive(opts, "lora_r")
-    alpha = opts["lora_alpha"]
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
+    alpha, dropout = opts["lora_alpha"], opts["lora_dropout"]
+    if not _is_number(alpha) or alpha <= 0:
         raise ValueError(f"--lora-alpha must be > 0, got {alpha!r}")
+    if not _is_number(dropout):
+        raise ValueError(f"--lora-dropout must be a number in [0, 1), got {dropout!r}")
     targets = opts["lora_targets"]
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
         if not targets:
             raise ValueError("--lora-targets: give module names separated by commas, e.g. query,value")
-    return LoRASettings(r=opts["lora_r"], alpha=float(alpha), dropout=float(opts["lora_dropout"]), targets=targets)
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"--lora-targets: module names separated by commas, or a list of them, got {targets!r}")
+    return LoRASettings(r=opts["lora_r"], alpha=float(alpha), dropout=float(dropout), targets=targets)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _label_names(value) -> list[str] | None:

@@ -313,6 +313,32 @@ def test_bad_flag_values(tokens, cls_data, tmp_path, capsys):
                     "TASK 'bogus'")
 
 
+@pytest.mark.parametrize("line,match", [
+    ("grad_accum = 1.5", "(grad_accum): grad_accum must be an integer (got 1.5)"),
+    ("max_steps = 2.5", "(max_steps): max_steps must be an integer (got 2.5)"),
+    ("max_steps = true", "max_steps must be an integer (got True)"),
+    ('lr = "fast"', "(lr): lr must be a number (got 'fast')"),
+    ("progress = 1", "progress must be true or false (got 1)"),
+    ('resume = "yes"', "resume must be true or false"),
+    ("block_size = 2.5", "--block-size must be an integer"),
+    ("tokenizer = 3", "(tokenizer): tokenizer must be a string (got 3)"),
+])
+def test_config_values_of_the_wrong_type(line, match, tokens, tmp_path, capsys):
+    """A .toml can hold any type: a value of the wrong one is named in one line, and nothing is created."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'task = "causal"\ndata = "{tokens}"\nmodel = "gpt2-tiny"\nout = "{tmp_path / "run"}"\n{line}\n')
+    _assert_refused(["pretrain", "--config", cfg, "--device", "cpu"], capsys, tmp_path, match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_settings_of_the_wrong_type(cls_data, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('lora_r = 4\nlora_dropout = "some"\n')
+    _assert_refused(finetune_args(cls_data, tmp_path / "run", "--config", cfg), capsys, tmp_path, "--lora-dropout")
+    cfg.write_text("lora_r = 4\nlora_targets = 7\n")
+    _assert_refused(finetune_args(cls_data, tmp_path / "run", "--config", cfg), capsys, tmp_path, "--lora-targets")
+
+
 def test_wrong_kind_of_data(tokens, cls_data, tmp_path, capsys):
     out = tmp_path / "run"
     text = tmp_path / "corpus.txt"

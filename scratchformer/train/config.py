@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import numbers
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +44,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Types first: a config file can say `grad_accum = 1.5` or `lr = "fast"`, and the range checks below (and
+        # the loop) would take 1.5 for a count or fail with a TypeError far from the setting.
+        for f in fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), f.type))
         checks = [
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -79,6 +85,27 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {unknown}")
         return cls(**d)
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _checked(name: str, value, annotation: str):
+    """`value` if it is of the field's annotated type (`int`, `float`, `str`, `bool`, each maybe `| None`), as that
+    type: an integer is a float's value too, but neither a float nor a bool is an int. Else ValueError naming it."""
+    kind, _, rest = annotation.partition("|")
+    kind, optional = kind.strip(), rest.strip() == "None"
+    if value is None and optional:
+        return None
+    if kind == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and (isinstance(value, str) or (name == "out" and isinstance(value, os.PathLike))):
+        return os.fspath(value)  # the run folder may be given as a Path
+    raise ValueError(f"{name} must be {_KINDS[kind]}{' or None' if optional else ''} (got {value!r})")
 
 
 def read_config_file(path: str | Path) -> dict:

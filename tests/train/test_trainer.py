@@ -236,6 +236,29 @@ def test_bad_config_values_are_named():
         TrainConfig(precision="fp8")
 
 
+@pytest.mark.parametrize("setting,match", [
+    (dict(grad_accum=1.5), r"^grad_accum must be an integer \(got 1.5\)$"),
+    (dict(max_steps=2.5), "^max_steps must be an integer"),
+    (dict(max_steps=True), "^max_steps must be an integer"),  # a bool is an int to Python, not to us
+    (dict(lr="3e-4"), "^lr must be a number"),
+    (dict(max_grad_norm="1"), "^max_grad_norm must be a number or None"),
+    (dict(compile="no"), "^compile must be true or false"),
+    (dict(precision=None), "^precision must be a string"),
+    (dict(device=0), "^device must be a string or None"),
+])
+def test_config_values_of_the_wrong_type_are_named(setting, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**setting)
+
+
+def test_config_takes_integers_for_numbers_and_paths_for_out(tmp_path):
+    import numpy as np
+
+    cfg = TrainConfig(out=tmp_path / "run", lr=1, max_grad_norm=0, max_steps=np.int64(5))
+    assert cfg.lr == 1.0 and type(cfg.lr) is float and type(cfg.max_grad_norm) is float
+    assert cfg.max_steps == 5 and type(cfg.max_steps) is int and cfg.out == str(tmp_path / "run")
+
+
 def test_resume_without_checkpoint_is_an_error(hf_tiny, tmp_path):
     folder, _ = hf_tiny("gpt2", no_dropout=True)
     with pytest.raises(ValueError, match="no checkpoint"):
