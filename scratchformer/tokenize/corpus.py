@@ -20,6 +20,8 @@ Both binary files are read back with `numpy.memmap` (`TokenFile`), so the corpus
 Writing streams too: documents are read one at a time, encoded in batches of at most `batch_chars`
 characters (by the Rust tokenizer, on all cores; see `_Encoder` for how a batch is encoded fast and
 exactly), and appended to the files, so memory stays bounded by the batch size whatever the corpus size.
+The next batch is encoded on a worker thread while this one is written (the Rust encoder releases the GIL),
+so the Python side costs no wall time when a core is free.
 
 The train / validation split is per document, drawn from a seeded generator: the same files and seed
 give the same split and the same bytes.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -166,63 +169,152 @@ def _groups(docs: Iterator[str], chars: int, max_docs: int) -> Iterator[list[str
         yield group
 
 
-class _Encoder:
-    """Encodes groups of documents into (ids back to back, each followed by the separator; lengths).
+# Characters tried as the joiner between the documents of a chunk, rarest in ordinary text first: each is
+# punctuation that BERT-style pre-tokenizers always cut out as a token of its own. `_Encoder` keeps the first
+# one that passes its check for the tokenizer at hand. Byte-level BPE puts a run of punctuation (and the
+# space before it) in one pre-token, so there a candidate passes only if no merge of the vocabulary uses
+# it; when none passes, the separator token joins the documents instead.
+JOINER_CANDIDATES = ("\u2016", "\u00b6", "\u00a7", "|", "~")  # ‖ ¶ § | ~
 
-    The fast path joins the documents of a chunk with the separator token's *text* and encodes the chunk
-    as one string. The tokenizer cuts its input at special tokens before normalising and pre-tokenising,
-    so each document is processed on its own exactly as if encoded alone, and the separator comes out as
-    its id: the same ids, without the per-document cost of the Rust tokenizer and of Python. Two guards
-    keep that exact: a corpus whose first documents encode differently one by one (some pipelines treat
-    the first piece of a string specially) uses the slow path throughout, and a chunk that yields the
-    wrong number of separators (a document containing the separator text) is redone one by one.
+# What a document may end or start with, for that check: letters, digits, punctuation, spaces, accents
+# (precomposed, and combining marks that could attach to the joiner), CJK, emoji, apostrophes that some
+# pre-tokenizers glue to a neighbour, and a line break.
+BOUNDARY_SAMPLES = ("x", "Word.", "end ", " start", "7", "3,5", "\u00e9", "e\u0301", "\u0301x", "\u6771\u4eac",
+                    "\U0001f917", "it'", "'s", "-", "(", "a\tb", "a\nb")
+
+
+class _Encoder:
+    """Encodes batches of documents into (ids back to back, each document followed by the separator; lengths).
+
+    Encoding document by document costs a Python call and a Rust pipeline set-up each. Instead the documents
+    of a chunk (about `chunk_chars` characters) are joined into one string, every document followed by a
+    *joiner* that encodes to one token of its own, and the chunk's joiner tokens mark the document ends
+    (then become the separator id). The joiner, in order of preference:
+    - a punctuation character (JOINER_CANDIDATES) that this tokenizer, checked on BOUNDARY_SAMPLES, encodes
+      to one token that no neighbouring text merges with: the cheapest, as the string stays whole;
+    - the separator token's own text, when it is a special token: the tokenizer cuts its input at special
+      tokens before normalising and pre-tokenising, so each document is processed as if alone;
+    - none: documents are encoded one by one (`slow`).
+    Guards keep the result exact: a chunk in which a document contains the joiner, or whose encoding has
+    the wrong number of joiner tokens (one merged with its neighbours), is encoded one by one, and the first
+    `check_docs` documents encoded joined are compared with one-by-one encoding; a joiner that fails there is
+    dropped for the next one.
+
+    `start` (the Rust work, which releases the GIL) and `finish` (the Python side) are separate so that
+    prepare_corpus can run `start` of the next batch on a worker thread while this one finishes.
     """
 
-    def __init__(self, tokenizer: Tokenizer, separator_id: int, chunk_chars: int):
+    def __init__(self, tokenizer: Tokenizer, separator_id: int, chunk_chars: int, check_docs: int = 256):
         self.backend = tokenizer.backend
         self.separator_id = separator_id
         self.chunk_chars = chunk_chars
+        self.check_docs = check_docs
         # Offsets are not needed: encode_batch_fast skips them (tokenizers >= 0.20).
         self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        self.joiners: list[tuple[str, int]] = []  # (text, token id), best first
+        cheap = self._cheap_joiner(tokenizer.unk_token_id)
+        if cheap is not None:
+            self.joiners.append(cheap)
         added = self.backend.get_added_tokens_decoder().get(separator_id)
-        self.sep_text = added.content if added is not None and added.special else None
-        if added is not None and (added.lstrip or added.rstrip or added.single_word):
-            self.sep_text = None  # it would eat neighbouring spaces: joining is not exact
-        self._checked = False
+        # A special token that strips or needs word boundaries would eat or change its neighbours.
+        if added is not None and added.special and not (added.lstrip or added.rstrip or added.single_word):
+            self.joiners.append((added.content, separator_id))
+        # Joined chunks are compared with one-by-one encoding until this many documents have passed: the
+        # check on real text, of the joining actually done (a chunk encoded one by one proves nothing).
+        self._verified = 0
+
+    @property
+    def joiner(self) -> tuple[str, int] | None:
+        return self.joiners[0] if self.joiners else None
+
+    def _cheap_joiner(self, unk_id: int | None) -> tuple[str, int] | None:
+        samples = list(BOUNDARY_SAMPLES)
+        alone = {s: e.ids for s, e in zip(samples, self._encode(samples, add_special_tokens=False))}
+        pairs = [(a, b) for a in samples for b in samples]
+        for c in JOINER_CANDIDATES:
+            ids = self.backend.encode(c, add_special_tokens=False).ids
+            if len(ids) != 1 or ids[0] == unk_id:
+                continue
+            t = ids[0]
+            joined = self._encode([a + c + b + c for a, b in pairs], add_special_tokens=False)
+            if all(e.ids == alone[a] + [t] + alone[b] + [t] for (a, b), e in zip(pairs, joined)):
+                return c, t
+        return None
 
     def slow(self, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encodings = self._encode(docs, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(docs))
-        ids = np.fromiter(
-            (i for e in encodings for i in (*e.ids, self.separator_id)), dtype=np.int64, count=int(lengths.sum())
-        )
-        return ids, lengths
+        flat: list[int] = []
+        lengths = np.empty(len(docs), dtype=np.int64)
+        for k, e in enumerate(self._encode(docs, add_special_tokens=False)):
+            flat += e.ids
+            flat.append(self.separator_id)
+            lengths[k] = len(e.ids) + 1
+        return np.array(flat, dtype=np.int64), lengths
 
-    def __call__(self, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.sep_text is None:
+    def start(self, docs: list[str]):
+        """Join and encode the chunks of `docs` (Rust, on all cores); `finish` turns the result into ids.
+
+        A chunk in which the joiner occurs more often than once per document (a document contains it) is
+        left for one-by-one encoding: a joiner token from a document's own text would cut it in two.
+        """
+        joiner = self.joiner
+        if joiner is None:
+            return None, []
+        text = joiner[0]
+        chunks, strings = [], []
+        for chunk in _groups(iter(docs), self.chunk_chars, len(docs)):
+            joined = text.join(chunk) + text
+            chunks.append(chunk)
+            strings.append(joined if joined.count(text) == len(chunk) else None)
+        encoded = iter(self._encode([j for j in strings if j is not None], add_special_tokens=False))
+        return joiner, [(chunk, next(encoded) if j is not None else None) for chunk, j in zip(chunks, strings)]
+
+    def finish(self, docs: list[str], started) -> tuple[np.ndarray, np.ndarray]:
+        joiner, parts = started
+        if joiner != self.joiner:  # started (on the worker thread) before the check dropped that joiner
+            joiner, parts = self.start(docs)
+        if joiner is None:
             return self.slow(docs)
-        chunks = list(_groups(iter(docs), self.chunk_chars, len(docs)))
-        encodings = self._encode([self.sep_text.join(c) + self.sep_text for c in chunks], add_special_tokens=False)
         all_ids, all_lengths = [], []
-        for chunk, enc in zip(chunks, encodings):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            ends = np.flatnonzero(ids == self.separator_id) + 1
-            if len(ends) != len(chunk):
-                ids, lengths = self.slow(chunk)
-            else:
-                lengths = np.diff(ends, prepend=0)
+        for chunk, enc in parts:
+            result = self._split(chunk, enc, joiner[1]) if enc is not None else None
+            if result is not None and self._verified < self.check_docs:
+                reference = self.slow(chunk)
+                if not all(np.array_equal(a, b) for a, b in zip(result, reference)):
+                    self.joiners.pop(0)
+                    self._verified = 0
+                    return self.finish(docs, self.start(docs))
+                self._verified += len(chunk)
+            ids, lengths = result if result is not None else self.slow(chunk)
             all_ids.append(ids)
             all_lengths.append(lengths)
-        ids, lengths = np.concatenate(all_ids), np.concatenate(all_lengths)
-        if not self._checked:
-            self._checked = True
-            sample = docs[:64]
-            ref_ids, ref_lengths = self.slow(sample)
-            n = int(ref_lengths.sum())
-            if not (np.array_equal(ids[:n], ref_ids) and np.array_equal(lengths[: len(sample)], ref_lengths)):
-                self.sep_text = None
-                return self.slow(docs)
-        return ids, lengths
+        return np.concatenate(all_ids), np.concatenate(all_lengths)
+
+    def _split(self, chunk: list[str], enc, joiner_id: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, lengths) of the documents of a joined chunk, or None when its joiner tokens are not one per
+        document with the last one last (a joiner merged with a neighbour)."""
+        ids = np.array(enc.ids, dtype=np.int64)
+        ends = np.flatnonzero(ids == joiner_id) + 1
+        if len(ends) != len(chunk) or ends[-1] != len(ids):
+            return None
+        ids[ends - 1] = self.separator_id
+        return ids, np.diff(ends, prepend=0)
+
+    def __call__(self, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.finish(docs, self.start(docs))
+
+
+def _overlapped(batches: Iterator[list[str]], encoder: _Encoder):
+    """(batch, (ids, lengths)) for each batch in order, the next batch's Rust encoding running on a worker
+    thread while this thread finishes the current one (encode_batch releases the GIL, so they overlap)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as pool:
+        pending = None
+        for batch in batches:
+            future = pool.submit(encoder.start, batch)
+            if pending is not None:
+                yield pending[0], encoder.finish(pending[0], pending[1].result())
+            pending = batch, future
+        if pending is not None:
+            yield pending[0], encoder.finish(pending[0], pending[1].result())
 
 
 def prepare_corpus(
@@ -247,7 +339,8 @@ def prepare_corpus(
     tokenizer: encodes without special tokens; `separator_id` (default: eos, else sep) ends each document.
     val_fraction: the share of documents (drawn with `seed`) that go to the "val" split.
     batch_chars / batch_docs: how much text is read and encoded at once; this bounds memory (about
-        batch_chars * 20 bytes at the peak, for the text, the ids and the Rust tokenizer's work).
+        batch_chars * 32 bytes at the peak, measured: the text, the ids and the Rust tokenizer's work for
+        the batch being written and the next one, which is encoded meanwhile).
     chunk_chars: documents are joined into strings of about this size for encoding (see `_Encoder`);
         the chunks of one batch are encoded in parallel on all cores.
     Returns a CorpusInfo with the header of each split.
@@ -294,19 +387,19 @@ def prepare_corpus(
     # Progress counts characters against the file sizes in bytes: exact for ASCII, close enough otherwise.
     progress = _progress(sum(f.stat().st_size for f in files), show_progress)
     try:
-        for f in files:
-            docs = iter_documents(f, text_field=text_field, txt_split=txt_split)
-            for batch in _groups(docs, batch_chars, batch_docs):
-                ids, lengths = encoder(batch)
-                if val_fraction > 0:
-                    to_val = rng.random(len(lengths)) < val_fraction
-                    per_token = np.repeat(to_val, lengths)
-                    writers["train"].write(ids[~per_token], lengths[~to_val])
-                    writers["val"].write(ids[per_token], lengths[to_val])
-                else:
-                    writers["train"].write(ids, lengths)
-                if progress is not None:
-                    progress.update(sum(map(len, batch)))
+        batches = (batch for f in files
+                   for batch in _groups(iter_documents(f, text_field=text_field, txt_split=txt_split),
+                                        batch_chars, batch_docs))
+        for batch, (ids, lengths) in _overlapped(batches, encoder):
+            if val_fraction > 0:
+                to_val = rng.random(len(lengths)) < val_fraction
+                per_token = np.repeat(to_val, lengths)
+                writers["train"].write(ids[~per_token], lengths[~to_val])
+                writers["val"].write(ids[per_token], lengths[to_val])
+            else:
+                writers["train"].write(ids, lengths)
+            if progress is not None:
+                progress.update(sum(map(len, batch)))
         for w in writers.values():
             w.finish()
         total = sum(w.num_documents for w in writers.values())

@@ -224,3 +224,109 @@ def test_rerun_replaces_earlier_output_and_a_failed_run_keeps_it(tmp_path, bpe, 
     assert not (out / "train.json").exists() and not list(out.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="header"):
         TokenFile(out)
+
+
+# Pieces of random documents: words, digits, punctuation (the joiner candidates among it), spaces and tabs,
+# accents precomposed and combining, CJK, emoji, control and zero-width characters, special-token texts.
+PIECES = ["alpha", "Beta", "gamma", "x", "7", "3,5", ".", ",", "'", "'s", "-", "(", ")", "|", "~", "\u2016", "\u00b6",
+          "\u00a7", " ", "  ", "\t", "\u00e9", "e\u0301", "\u0301", "\u6771\u4eac", "\U0001f917", "\x07", "\u200b",
+          "[SEP]", "<|endoftext|>", "</s>", "\n"]
+
+
+def _random_corpus(tmp_path, rng, n=400):
+    """n random documents (each has a letter, so none is blank) in a .jsonl file, and the documents."""
+    docs = ["".join(rng.choice(PIECES, size=rng.integers(1, 12))) + rng.choice(["a", "Z"]) for _ in range(n)]
+    docs = [d if i % 3 else rng.choice(["Z", ""]) + d for i, d in enumerate(docs)]
+    path = tmp_path / "random.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path, docs
+
+
+def _whitespace_wordpiece():
+    """WordPiece behind the Whitespace pre-tokenizer, which glues runs of punctuation together."""
+    from tokenizers import models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    rust = RustTokenizer(models.WordPiece(unk_token="[UNK]"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = ["".join(PIECES[i % len(PIECES)] for i in range(k, k + 9)) for k in range(200)] + DOCS
+    rust.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"]))
+    return Tokenizer(rust, special_tokens={"unk": "[UNK]", "sep": "[SEP]"})
+
+
+def _metaspace_unigram():
+    """Unigram behind Metaspace(prepend_scheme="first"): only the first piece of a string gets its "▁"."""
+    from tokenizers import models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    rust = RustTokenizer(models.Unigram())
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    rust.train_from_iterator(DOCS * 5, trainers.UnigramTrainer(vocab_size=120, special_tokens=["</s>", "<unk>"],
+                                                               unk_token="<unk>"))
+    return Tokenizer(rust, special_tokens={"eos": "</s>", "unk": "<unk>"})
+
+
+@pytest.mark.parametrize("kind", ["minilm", "bpe", "whitespace_wordpiece", "metaspace_unigram"])
+def test_random_documents_equal_one_by_one_encoding(tmp_path, kind, bpe, minilm):
+    from scratchformer.tokenize.corpus import JOINER_CANDIDATES, _Encoder
+
+    tok = {"minilm": minilm, "bpe": bpe}.get(kind) or {"whitespace_wordpiece": _whitespace_wordpiece,
+                                                       "metaspace_unigram": _metaspace_unigram}[kind]()
+    seed = int(np.random.default_rng().integers(1 << 30))
+    path, docs = _random_corpus(tmp_path, np.random.default_rng(seed))
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    # Small batches and chunks: many chunk boundaries, and batches overlapping on the worker thread.
+    prepare_corpus(path, tok, tmp_path / "out", batch_chars=2000, chunk_chars=300, show_progress=False)
+    got = np.asarray(TokenFile(tmp_path / "out").tokens).tolist()
+    assert got == [i for d in _reference(tok, docs, sep) for i in d], f"seed {seed}"
+    # Which joiner each tokenizer gets: a cheap character only where the pre-tokenizer isolates punctuation.
+    joiners = [text for text, _ in _Encoder(tok, sep, 300).joiners]
+    # The tiny BPE never saw "|" in training: no merge has it, so it stays one token next to anything.
+    expected = {"minilm": [JOINER_CANDIDATES[0], "[SEP]"], "bpe": ["|", "<|endoftext|>"],
+                "whitespace_wordpiece": ["[SEP]"], "metaspace_unigram": ["</s>"]}[kind]
+    assert joiners == expected
+
+
+def test_a_joiner_that_fails_on_real_documents_is_dropped(tmp_path):
+    from scratchformer.tokenize.corpus import _Encoder
+
+    # With Metaspace(prepend_scheme="first") every document but the first of a chunk loses its leading "▁"
+    # when documents are joined by "</s>": the separator count is right, the ids are not.
+    tok = _metaspace_unigram()
+    eos = tok.eos_token_id
+    rng = np.random.default_rng()
+    docs = [" ".join(rng.choice(["alpha", "beta", "gamma", "x", "end."], size=rng.integers(1, 6))) for _ in range(300)]
+    ref = _reference(tok, docs, eos)
+    encoder = _Encoder(tok, eos, 1 << 15)
+    assert encoder.joiners == [("</s>", eos)]
+    started = encoder.start(docs)
+    (chunk, enc), = started[1]
+    assert enc.ids.count(eos) == len(chunk) == len(docs)  # the count guard passes
+    ids, lengths = encoder.finish(docs, started)
+    assert encoder.joiners == []  # the check on real documents dropped "</s>"
+    assert ids.tolist() == [i for d in ref for i in d] and lengths.tolist() == [len(d) for d in ref]
+    # A batch started on the worker thread before the check dropped the joiner is encoded again.
+    encoder = _Encoder(tok, eos, 1 << 15)
+    encoder._verified = encoder.check_docs  # as if the check had passed
+    stale = encoder.start(docs[:50])
+    encoder.joiners.clear()
+    assert encoder.finish(docs[:50], stale)[0].tolist() == [i for d in ref[:50] for i in d]
+
+
+def test_an_error_on_the_worker_thread_reaches_the_caller(tmp_path, bpe, monkeypatch):
+    from scratchformer.tokenize.corpus import _Encoder
+
+    calls = []
+
+    def failing_start(self, docs):
+        calls.append(len(docs))
+        if len(calls) == 3:
+            raise RuntimeError("encoder failed on batch 3")
+        return original(self, docs)
+
+    original = _Encoder.start
+    monkeypatch.setattr(_Encoder, "start", failing_start)
+    corpus = _txt(tmp_path / "c.txt", DOCS * 4)
+    with pytest.raises(RuntimeError, match="batch 3"):
+        prepare_corpus(corpus, bpe, tmp_path / "o", batch_chars=200, show_progress=False)
+    assert _state(tmp_path / "o") == {}
