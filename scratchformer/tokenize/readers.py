@@ -18,6 +18,7 @@ import csv
 import ctypes
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,32 @@ def _check_path(path: str | os.PathLike, allowed: Sequence[str] = SUFFIXES) -> P
     return p
 
 
+_AFTER_LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # zero-width: right after a \r that does not begin \r\n
+
+
+def _text_lines(p: Path, newline: str | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file, as `open(p, encoding="utf-8", newline=newline)` would give them.
+
+    Read in binary and decoded a line at a time, so that bytes that are not UTF-8 raise a ValueError naming
+    the file and the line (a text-mode file decodes 8 KB blocks, and its UnicodeDecodeError names neither).
+    Splitting the bytes at b"\\n" is safe: no UTF-8 multi-byte sequence contains that byte.
+    """
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}: line {lineno} is not UTF-8 text ({e.reason}: byte "
+                                 f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8") from None
+            if "\r" not in line:
+                yield line
+                continue
+            # Text mode ends a line at \n, \r\n or a lone \r; newline=None also reads each ending as \n.
+            for part in _AFTER_LONE_CR.split(line):
+                if part:
+                    yield part.replace("\r\n", "\n").replace("\r", "\n") if newline is None else part
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each record of a `.jsonl` or `.csv` file; blank jsonl lines are skipped.
 
@@ -47,37 +74,35 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
     p = _check_path(path, (".jsonl", ".csv"))
     n = 0
     if p.suffix.lower() == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}: invalid JSON on line {lineno}: {e.msg}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{p}: line {lineno} is not a JSON object (got {type(record).__name__})")
-                n += 1
-                yield lineno, record
+        for lineno, line in enumerate(_text_lines(p), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: invalid JSON on line {lineno}: {e.msg}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{p}: line {lineno} is not a JSON object (got {type(record).__name__})")
+            n += 1
+            yield lineno, record
     else:
         csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide, but only ever raised to the maximum
-        with open(p, encoding="utf-8", newline="") as f:
-            # strict: an unclosed quote is an error, not the rest of the file swallowed into one field.
-            reader = csv.DictReader(f, strict=True)
-            end = 0  # the line the last good record (or the header) ended on
-            try:
-                reader.fieldnames  # reads the header now, so that `end` starts after it
-                end = reader.reader.line_num
-                for record in reader:
-                    n += 1
-                    end = reader.line_num
-                    # Line numbers count the header as line 1; a record on several lines gets its last one.
-                    yield end, record
-            except csv.Error as e:
-                # DictReader.line_num is only updated after a good row; the inner reader's is current.
-                line = reader.reader.line_num
-                where = f" (in the record that starts on line {end + 1})" if line > end + 1 else ""
-                raise ValueError(f"{p}: line {line}: {e}{where}") from None
+        # strict: an unclosed quote is an error, not the rest of the file swallowed into one field.
+        reader = csv.DictReader(_text_lines(p, newline=""), strict=True)
+        end = 0  # the line the last good record (or the header) ended on
+        try:
+            reader.fieldnames  # reads the header now, so that `end` starts after it
+            end = reader.reader.line_num
+            for record in reader:
+                n += 1
+                end = reader.line_num
+                # Line numbers count the header as line 1; a record on several lines gets its last one.
+                yield end, record
+        except csv.Error as e:
+            # DictReader.line_num is only updated after a good row; the inner reader's is current.
+            line = reader.reader.line_num
+            where = f" (in the record that starts on line {end + 1})" if line > end + 1 else ""
+            raise ValueError(f"{p}: line {line}: {e}{where}") from None
     if n == 0:
         raise ValueError(f"{p} is empty: no records found")
 
@@ -100,26 +125,25 @@ def iter_documents(path: str | os.PathLike, *, text_field: str = "text", txt_spl
         raise ValueError(f"txt_split must be 'line' or 'paragraph', got {txt_split!r}")
     n = 0
     if p.suffix.lower() == ".txt":
-        with open(p, encoding="utf-8") as f:
-            if txt_split == "line":
-                for line in f:
-                    line = line.rstrip("\r\n")
-                    if line.strip():
-                        n += 1
-                        yield line
-            else:
-                para: list[str] = []
-                for line in f:
-                    line = line.rstrip("\r\n")
-                    if line.strip():
-                        para.append(line)
-                    elif para:
-                        n += 1
-                        yield "\n".join(para)
-                        para = []
-                if para:
+        if txt_split == "line":
+            for line in _text_lines(p):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    n += 1
+                    yield line
+        else:
+            para: list[str] = []
+            for line in _text_lines(p):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    para.append(line)
+                elif para:
                     n += 1
                     yield "\n".join(para)
+                    para = []
+            if para:
+                n += 1
+                yield "\n".join(para)
         if n == 0:
             raise ValueError(f"{p} is empty: no documents found")
         return

@@ -82,6 +82,32 @@ def test_reader_errors(tmp_path):
         list(iter_documents(_write(tmp_path / "ok.txt", "a"), txt_split="sentence"))
 
 
+def test_lines_are_those_of_a_text_mode_file(tmp_path):
+    """The binary line reader gives exactly the lines of open(encoding="utf-8"), for both newline modes, on
+    random text with \\n, \\r\\n and lone \\r endings and multi-byte characters."""
+    import random
+
+    from scratchformer.tokenize.readers import _text_lines
+
+    rng = random.Random()
+    text = "".join(rng.choice(["a", "é", "日", " ", ",", "\n", "\r\n", "\r", "\u2028"]) for _ in range(5000))
+    p = tmp_path / "mixed.txt"
+    p.write_bytes(text.encode())
+    for newline in (None, ""):
+        with open(p, encoding="utf-8", newline=newline) as f:
+            assert list(_text_lines(p, newline)) == list(f)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_non_utf8_file_is_named(tmp_path, suffix):
+    """A Latin-1 byte in line 3 of any reader's file: an error naming the file and the line."""
+    head = {".txt": "first\nsecond\n", ".jsonl": '{"text": "a"}\n{"text": "b"}\n', ".csv": "text\na\n"}[suffix]
+    p = tmp_path / f"latin1{suffix}"
+    p.write_bytes(head.encode() + "caf\xe9 noir\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"latin1\{suffix}: line 3 is not UTF-8 text"):
+        list(iter_documents(p))
+
+
 def test_csv_field_longer_than_the_csv_default_limit(tmp_path):
     import random
     import string
