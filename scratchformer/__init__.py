@@ -21,6 +21,7 @@ from scratchformer.engine.lora import (
     count_parameters,
     load_adapter,
     merge_lora,
+    print_trainable_parameters,
     save_adapter,
     unmerge_lora,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "count_parameters",
     "load_adapter",
     "merge_lora",
+    "print_trainable_parameters",
     "save_adapter",
     "unmerge_lora",
     "MaskedLM",
