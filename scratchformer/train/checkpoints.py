@@ -3,13 +3,15 @@
 A checkpoint `checkpoint-000120/` holds the model in HF layout (`config.json` + `model.safetensors`, plus the
 PEFT adapter files when LoRA is on), `trainer_state.pt` (optimizer, scheduler, loss scaler, RNG states, data
 position; read back with `torch.load(weights_only=True)` only) and `info.json` (step and metrics, for people
-and for choosing the best). It is written into a hidden temporary folder and renamed into place, so a run
-killed mid-write leaves the previous checkpoint intact and never a half one under a real name.
+and for choosing the best). It is written into a hidden temporary folder, fsynced and renamed into place, so a
+run killed mid-write (or a machine losing power) leaves the previous checkpoint intact and never a half one
+under a real name. The final model folder and run.json are written the same way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -25,6 +27,7 @@ from scratchformer.engine.lora import load_adapter, lora_modules, save_adapter
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "info.json"
+TMP_PREFIX = ".tmp-"  # what is being written in a run folder; never a checkpoint, removed when stale
 
 
 def seed_everything(seed: int) -> None:
@@ -82,21 +85,75 @@ def latest_checkpoint(out: Path) -> Path | None:
 def save_checkpoint(out: Path, step: int, model, state: dict, info: dict, tokenizer=None,
                     keep_last: int = 2, best_metric: str | None = None, best_mode: str = "min") -> Path:
     """Write checkpoint-<step> atomically, then delete old ones beyond the last `keep_last` and the best."""
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-checkpoint-{step:06d}-"))
+
+    def write(folder: Path) -> None:
+        save_model_folder(model, folder, tokenizer)
+        torch.save(state, folder / STATE_NAME)
+        (folder / INFO_NAME).write_text(json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
+
+    write_folder_atomically(final, write)
+    _rotate(out, keep_last, best_metric, best_mode)
+    return final
+
+
+def write_folder_atomically(final: Path, write) -> None:
+    """`write(folder)` into a hidden temporary folder next to `final`, then rename it to `final` (replacing an
+    older one: the same step saved again by a resumed run, or final/ of a run continued past its end).
+
+    The files and the folder are fsynced before the rename and the parent after it: a rename alone orders
+    nothing on disk, so after a power cut the new name could point at files whose data never got there.
+    """
+    out = final.parent
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f"{TMP_PREFIX}{final.name}-"))
+    replaced = None
     try:
-        save_model_folder(model, tmp, tokenizer)
-        torch.save(state, tmp / STATE_NAME)
-        (tmp / INFO_NAME).write_text(json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
+        write(tmp)
+        _fsync_tree(tmp)  # the data is on the disk before the rename makes it visible
+        if final.exists():  # moved aside first, so a crash here leaves it whole under a hidden name
+            replaced = tmp.with_name(tmp.name + "-replaced")
+            final.rename(replaced)
         tmp.rename(final)
+        _fsync(out)  # and the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _rotate(out, keep_last, best_metric, best_mode)
-    return final
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace the file at `path` by `text` all at once (temporary file, fsync, rename, fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        _fsync(p)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    if path.is_dir() and os.name == "nt":  # Windows cannot open a folder to fsync it (NTFS journals renames)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model_folder(model, folder: Path, tokenizer=None) -> None:
@@ -126,8 +183,11 @@ def _rotate(out: Path, keep_last: int, metric: str | None, mode: str) -> None:
     for _, folder in found:
         if folder not in keep:
             shutil.rmtree(folder, ignore_errors=True)
-    for stale in out.glob(".tmp-checkpoint-*"):  # left by a run that was killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(f"{TMP_PREFIX}*"):  # left by a run that was killed mid-write
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path, model) -> dict:

@@ -11,6 +11,12 @@ consumed. Each optimizer step takes `grad_accum` micro-batches, each loss divide
 What a step does, in order: forward under autocast (bf16 / fp16), backward (fp16: of the scaled loss; under
 DDP gradients are synchronised only on the last micro-step), global-norm clipping, our fused AdamW (weight
 decay off for biases, LayerNorms and embeddings), the LR schedule, logging, evaluation, checkpointing.
+
+Every `log_every` steps a record goes to the callbacks and to <out>/metrics.jsonl: step, loss, lr, grad_norm
+(null in the file for a skipped fp16 step, whose norm is inf), tokens_per_s, peak_memory_gb (CUDA: the peak
+of allocated memory; CPU: the process's peak resident memory) and, on known GPUs, mfu. Evaluations add
+records of their own (step and eval_* metrics). A resumed run first drops the records of the steps after its
+checkpoint, so the file holds each step once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import contextlib
 import itertools
 import json
 import math
-import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 
 from .checkpoints import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder,
-                          seed_everything, set_rng_state)
+                          seed_everything, set_rng_state, write_folder_atomically, write_text_atomically)
 from .config import TrainConfig
 from .distributed import DistributedContext, ShardedBatches
 
@@ -150,7 +156,25 @@ class Trainer:
         if self.data_has_position:
             self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
+        if self.dist.is_main:
+            self._drop_records_after(self.step)
         self._log_line({"event": "resumed", "step": self.step, "checkpoint": folder.name})
+
+    def _drop_records_after(self, step: int) -> None:
+        """Rewrite metrics.jsonl without the records of the steps after the checkpoint (a run killed after it
+        logged them): the resumed run logs those steps again, and the file must not hold any step twice."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill that stopped the run
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        write_text_atomically(path, "".join(kept))
 
     def save(self, metrics: dict | None = None) -> None:
         if self.dist.is_main:
@@ -189,9 +213,8 @@ class Trainer:
         if resume:
             self._resume()
         elif self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "run.json").write_text(
-                json.dumps({"train_config": config.to_dict(), **self.extra_info}, indent=2, default=str) + "\n")
+            write_text_atomically(self.out / "run.json", json.dumps(
+                {"train_config": config.to_dict(), **self.extra_info}, indent=2, default=str) + "\n")
         batches = self._batches()
         if not self.data_has_position:  # a plain iterable: skip what this rank consumed before the checkpoint
             batches = itertools.islice(batches, self.batches_consumed, None)
@@ -230,7 +253,7 @@ class Trainer:
                 self.save(metrics)
         progress.close()
         if self.step == config.max_steps and self.dist.is_main:
-            save_model_folder(self.model, self.out / "final", self.tokenizer)
+            write_folder_atomically(self.out / "final", lambda folder: save_model_folder(self.model, folder, self.tokenizer))
         self.dist.barrier()
         return self.history
 
@@ -274,6 +297,8 @@ class Trainer:
             mfu = model_flops_utilisation(self.model, tokens_per_s, self._seq_len())
             if mfu is not None:
                 record["mfu"] = mfu
+        else:
+            record["peak_memory_gb"] = peak_rss_bytes() / 1e9
         return record
 
     def _seq_len(self) -> int:
@@ -295,7 +320,27 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+
+
+def _finite_or_null(value):
+    """inf / NaN as None: JSON has no such numbers (json.dumps would write the non-standard `Infinity`), and a
+    skipped fp16 step's gradient norm is one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far: getrusage's ru_maxrss, in KiB on Linux, bytes on macOS."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _to_device(batches, device):
