@@ -16,10 +16,22 @@ so it counts weights, gradients, optimizer state and activations; on CUDA also M
 6N + 12LHS FLOPs per token over the GPU's bf16 peak; for LoRA the frozen weights need no weight gradients,
 so the same convention overstates the work: compare the two columns, not against 100%).
 
-With --quick, and always on a CPU, the models shrink (2 layers, d=256, 8192 tokens) so the whole run takes
-about a minute on a 2-core CPU. Writes benchmarks/results/train_step_<device>.md.
+Sizes: on a GPU the real shapes above (GPT-2 at 8 x 1024 tokens, BERT at 32 x 128). On a CPU, and with
+--quick anywhere, the models shrink (2 layers, d=256, 8192 tokens) so the whole run takes about a minute on a
+2-core CPU. --full runs the real widths on a CPU too; --batch / --seq override every case's batch shape (BERT
+has 512 positions). Writes benchmarks/results/train_step_<device>[_full][_b<batch>][_s<seq>].md.
 
-    PYTHONPATH=. python benchmarks/train_step.py [--quick] [--device cpu|cuda] [--steps 7] [--out DIR]
+How long `--full` takes on a CPU (an estimate, not yet timed: the quick run measures about 1e11 FLOP/s on a
+2-core CPU in fp32, scaled here by each step's FLOPs): a GPT-2 step (8 x 1024 tokens, 6N + 12LHS = 0.86
+GFLOP per token) about 70 s, a BERT LoRA step (32 x 128 tokens, 4N for frozen weights, 0.35 GFLOP per
+token) about 15 s, per library. With the default 2 warm-up and 5 timed steps per library, plus 3 steps in
+each of the two memory-measuring processes, that is about 20 steps of each case: roughly 25 minutes for
+GPT-2 and 5 for BERT, half an hour in all. Memory: transformers' eager attention keeps 12 layers of
+8 x 12 x 1024 x 1024 fp32 attention probabilities (about 5 GB, twice with dropout) plus 1.6 GB of logits, so
+allow some 16 GB free. `--batch 2` or `--seq 512` makes it smaller and shorter, `--steps 3 --warmup 1` shorter.
+
+    PYTHONPATH=. python benchmarks/train_step.py [--quick | --full] [--batch B] [--seq S] [--device cpu|cuda]
+                                                 [--steps 7] [--warmup 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ LORA = dict(r=8, alpha=16, targets=["query", "value"])
 
 
 def cases(full: bool) -> list[dict]:
-    """Model shapes and batches: the real GPT-2 small / BERT-base on a GPU, small stand-ins otherwise."""
+    """Model shapes and batches: the real GPT-2 small / BERT-base (full), or small stand-ins."""
     if full:
         return [
             dict(name="gpt2 causal", kind="gpt2", layers=12, hidden=768, heads=12, vocab=50257, batch=8, seq=1024),
@@ -298,10 +310,15 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="the small models even on a GPU")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the small models even on a GPU")
+    size.add_argument("--full", action="store_true",
+                      help="the real GPT-2 small / BERT-base widths even on a CPU (estimated: half an hour on 2 cores)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per batch in every case (default: the case's)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per row in every case (default: the case's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 7, CPU: 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
@@ -310,14 +327,42 @@ def main(argv=None):
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child(json.loads(args.child))
+        return args
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    full = args.device == "cuda" and not args.quick
+    for name in ("batch", "seq", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seq is not None and args.seq > 512:
+        parser.error(f"--seq {args.seq}: BERT has 512 positions")
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """(the cases to run with the --batch / --seq overrides applied, the results file's tag)."""
+    full = args.full or (args.device == "cuda" and not args.quick)
+    overrides = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
+    chosen = [{**case, **overrides} for case in cases(full)]
+    tag = device_tag(args.device)
+    if args.device == "cuda" and not full:
+        tag += "_quick"
+    elif args.device != "cuda" and full:
+        tag += "_full"  # the CPU's default is the small models: the real widths get a file of their own
+    tag += "".join(f"_{k[0]}{v}" for k, v in overrides.items())  # e.g. _b2_s256
+    return chosen, tag
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    chosen, tag = plan(args)
     precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     steps = args.steps or (7 if args.device == "cuda" else 5)
     rows = []
-    for case in cases(full):
+    for case in chosen:
         print(f"{case['name']}: {case['layers']} layers, d={case['hidden']}, batch {case['batch']} x {case['seq']}",
               flush=True)
         rows.append(bench(case, args.device, precision, steps, args.warmup))
@@ -326,7 +371,6 @@ def main(argv=None):
     import transformers
     import triton
 
-    tag = device_tag(args.device) + ("_quick" if args.device == "cuda" and not full else "")
     name = (torch.cuda.get_device_name() if args.device == "cuda"
             else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     header = (f"# Training step, ours vs transformers ({tag})\n\n"
