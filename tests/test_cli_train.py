@@ -194,7 +194,8 @@ def test_finetune_ner_end_to_end(ner_data, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert [r for r in _records(tmp_path / "ids") if "eval_entity_f1" in r] == by_name
 
-    _assert_refused(_ner_args(ner_data, tmp_path / "refused", "-ids"), capsys, tmp_path, "integers (0..3) without names")
+    _assert_refused(_ner_args(ner_data, tmp_path / "refused", "-ids"), capsys, tmp_path,
+                    "integers (0..3) without names")
     _assert_refused(_ner_args(ner_data, tmp_path / "refused", "-ids", "--label-names", "0,1,2,3"), capsys, tmp_path,
                     "--label-names: NER tag '0'")
     root, tok, _ = ner_data  # a model whose id2label names the tags: the integer tags are ids into it
@@ -208,7 +209,8 @@ def test_finetune_sft_end_to_end(tokens, tmp_path, capsys, monkeypatch):
     """Prompt -> response pairs where the response repeats the prompt's words: the held-out loss (on responses
     only) falls, and the perplexity is its exponential."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    rows = [{"prompt": f"repeat: {s}\n", "response": s} for s in (" ".join(x.split()[:4]) for x in _sentences(40, seed=3))]
+    texts = [" ".join(sentence.split()[:4]) for sentence in _sentences(40, seed=3)]
+    rows = [{"prompt": f"repeat: {text}\n", "response": text} for text in texts]
     for name, part in (("train.jsonl", rows[:32]), ("dev.jsonl", rows[32:])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "sft"

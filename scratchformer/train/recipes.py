@@ -94,7 +94,10 @@ def finetune(task: str, model: str, train_file, config: TrainConfig, eval_file=N
             heads.append("pooler.dense")
         apply_lora(net, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.targets,
                    modules_to_save=heads, verbose=os.environ.get("RANK", "0") == "0")  # once, not per torchrun process
-    eval_fn = ner_eval(data.label_names) if task == "ner" else {"classify": classification_eval, "sft": evaluate_lm}[task]
+    if task == "ner":  # built only here: it checks that the label names are entity tags
+        eval_fn = ner_eval(data.label_names)
+    else:
+        eval_fn = classification_eval if task == "classify" else evaluate_lm
     trainer = Trainer(net, config, train_data=data.train, eval_data=data.eval, eval_fn=eval_fn, tokenizer=tok,
                       callbacks=callbacks,
                       extra_info={"task": task, "model": str(model), "train_file": str(train_file),

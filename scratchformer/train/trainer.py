@@ -253,7 +253,8 @@ class Trainer:
                 self.save(metrics)
         progress.close()
         if self.step == config.max_steps and self.dist.is_main:
-            write_folder_atomically(self.out / "final", lambda folder: save_model_folder(self.model, folder, self.tokenizer))
+            write_folder_atomically(self.out / "final",
+                                    lambda folder: save_model_folder(self.model, folder, self.tokenizer))
         self.dist.barrier()
         return self.history
 

@@ -29,7 +29,8 @@ def _data(kind: str):
     if kind == "blocks":
         return TokenBlockLoader(torch.randint(0, 97, (500,), generator=g).numpy(), batch_size=2, block_size=9, seed=5)
     if kind == "examples":  # 12 examples, 2 a batch: 6 batches, 3 rounds of two per epoch
-        return ExampleLoader([torch.randint(0, 97, (9,), generator=g) for _ in range(12)], _collate, batch_size=2, seed=3)
+        rows = [torch.randint(0, 97, (9,), generator=g) for _ in range(12)]
+        return ExampleLoader(rows, _collate, batch_size=2, seed=3)
     return [_collate(list(torch.randint(0, 97, (2, 9), generator=g))) for _ in range(10)]
 
 
@@ -120,8 +121,8 @@ def test_ddp_two_processes_equal_one(hf_tiny, tmp_path, accum):
     from tests.train.test_trainer import assert_losses_close  # here: the DDP script imports this module, lightly
 
     folder, _ = hf_tiny("gpt2", no_dropout=True)
-    ddp = run_training(folder, tmp_path, {"run": {"out": str(tmp_path / "ddp"), "accum": accum}}, processes=2)["run"]
-    one = run_training(folder, tmp_path, {"run": {"out": str(tmp_path / "one"), "accum": 2 * accum}}, processes=1)["run"]
+    ddp = run_training(folder, tmp_path, {"run": {"out": str(tmp_path / "ddp"), "accum": accum}}, 2)["run"]
+    one = run_training(folder, tmp_path, {"run": {"out": str(tmp_path / "one"), "accum": 2 * accum}}, 1)["run"]
     assert len(ddp["losses"]) == 6
     assert_losses_close(ddp["losses"], one["losses"])
     assert abs(ddp["weight"] - one["weight"]) <= 1e-5 * abs(one["weight"])
