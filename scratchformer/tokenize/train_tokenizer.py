@@ -176,7 +176,8 @@ def _files(paths: list, first_path, *, text_field: str, txt_split: str) -> Itera
             raise TypeError(f"data[{i}] must be a file path (str or os.PathLike), got {type(p).__name__}")
     missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
     if missing:
-        shown = ", ".join(repr(m if len(m) <= 80 else m[:77] + "...") for m in missing[:5])
+        # Paths in full (a path cut short names no file); only a long text passed by mistake is cut.
+        shown = ", ".join(repr(m if len(m) <= 300 else m[:297] + "...") for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise FileNotFoundError(
             f"train_tokenizer: {len(missing)} of {len(paths)} data files not found: {shown}{more} "
