@@ -30,8 +30,8 @@ GPT-2 and 5 for BERT, half an hour in all. Memory: transformers' eager attention
 8 x 12 x 1024 x 1024 fp32 attention probabilities (about 5 GB, twice with dropout) plus 1.6 GB of logits, so
 allow some 16 GB free. `--batch 2` or `--seq 512` makes it smaller and shorter, `--steps 3 --warmup 1` shorter.
 
-    PYTHONPATH=. python benchmarks/train_step.py [--quick | --full] [--batch B] [--seq S] [--device cpu|cuda]
-                                                 [--steps 7] [--warmup 2] [--out DIR]
+    PYTHONPATH=. python benchmarks/train_step.py [--quick | --full] [--case gpt2|bert] [--batch B] [--seq S]
+                                                 [--device cpu|cuda] [--steps 7] [--warmup 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -317,6 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="the small models even on a GPU")
     size.add_argument("--full", action="store_true",
                       help="the real GPT-2 small / BERT-base widths even on a CPU (estimated: half an hour on 2 cores)")
+    parser.add_argument("--case", default="all", choices=["all", "gpt2", "bert"],
+                        help="run one case only (e.g. GPT-2 with a smaller --batch, BERT at its own)")
     parser.add_argument("--batch", type=int, default=None, help="rows per batch in every case (default: the case's)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row in every case (default: the case's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per library (default: 7, CPU: 5)")
@@ -344,12 +346,14 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], str]:
     """(the cases to run with the --batch / --seq overrides applied, the results file's tag)."""
     full = args.full or (args.device == "cuda" and not args.quick)
     overrides = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
-    chosen = [{**case, **overrides} for case in cases(full)]
+    chosen = [{**case, **overrides} for case in cases(full) if getattr(args, "case", "all") in ("all", case["kind"])]
     tag = device_tag(args.device)
     if args.device == "cuda" and not full:
         tag += "_quick"
     elif args.device != "cuda" and full:
         tag += "_full"  # the CPU's default is the small models: the real widths get a file of their own
+    if getattr(args, "case", "all") != "all":
+        tag += f"_{args.case}"
     tag += "".join(f"_{k[0]}{v}" for k, v in overrides.items())  # e.g. _b2_s256
     return chosen, tag
 
