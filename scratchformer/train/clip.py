@@ -33,6 +33,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     parameters: a tensor or an iterable of tensors whose `.grad` is used (None grads are skipped).
     norm_type: 2.0 or inf use the fused kernel; other p fall back to torch. Returns the total norm as a
     float32 0-dim tensor on the gradients' device (torch returns it in the gradients' dtype).
+    max_norm=inf measures the norm and leaves the gradients alone (torch multiplies them by 1, or by NaN when
+    the norm is not finite).
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -55,6 +57,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
                            "clipped. Pass error_if_nonfinite=False to clip anyway.")
+    if max_norm == math.inf:  # only the norm is wanted (the Trainer folds clipping into AdamW's grad scale):
+        return total  # skip the multiply by 1, a pass that reads and writes every gradient for nothing
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for (device, _), gs in groups.items():
         torch._foreach_mul_(gs, coef.to(device))

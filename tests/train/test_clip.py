@@ -36,3 +36,18 @@ def test_nonfinite_raises_when_asked(device):
     p.grad = torch.tensor([1.0, float("nan"), 0, 0, 0], device=device)
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+
+
+def test_infinite_max_norm_only_measures(device, monkeypatch):
+    """max_norm=inf (how the Trainer asks for the norm): torch's total, and no pass over the gradients."""
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in SHAPES]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device)
+    before = [p.grad.clone() for p in params]
+    calls = []
+    real = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: calls.append(a) or real(*a, **k))
+    total = clip_grad_norm_(params, math.inf)
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in before]))
+    assert torch.allclose(total, expected, rtol=1e-6, atol=0)
+    assert not calls and all(torch.equal(p.grad, b) for p, b in zip(params, before))
