@@ -21,14 +21,11 @@ Sizes: on a GPU the real shapes above (GPT-2 at 8 x 1024 tokens, BERT at 32 x 12
 2-core CPU. --full runs the real widths on a CPU too; --batch / --seq override every case's batch shape (BERT
 has 512 positions). Writes benchmarks/results/train_step_<device>[_full][_b<batch>][_s<seq>].md.
 
-How long `--full` takes on a CPU (an estimate, not yet timed: the quick run measures about 1e11 FLOP/s on a
-2-core CPU in fp32, scaled here by each step's FLOPs): a GPT-2 step (8 x 1024 tokens, 6N + 12LHS = 0.86
-GFLOP per token) about 70 s, a BERT LoRA step (32 x 128 tokens, 4N for frozen weights, 0.35 GFLOP per
-token) about 15 s, per library. With the default 2 warm-up and 5 timed steps per library, plus 3 steps in
-each of the two memory-measuring processes, that is about 20 steps of each case: roughly 25 minutes for
-GPT-2 and 5 for BERT, half an hour in all. Memory: transformers' eager attention keeps 12 layers of
-8 x 12 x 1024 x 1024 fp32 attention probabilities (about 5 GB, twice with dropout) plus 1.6 GB of logits, so
-allow some 16 GB free. `--batch 2` or `--seq 512` makes it smaller and shorter, `--steps 3 --warmup 1` shorter.
+How long `--full` takes on a CPU, and what fits (measured 2026-12-02 on a 2-core, 24 GB machine, fp32): the
+BERT case at its real 32 x 128 ran in about 8 minutes beside another job (a step: 20 s ours, 26 s transformers + peft). The
+GPT-2 case at 8 x 1024 does not fit in 24 GB: transformers' eager attention and logits took 9.2 GB at
+2 x 1024 (ours 4.0 GB), so 8 x 1024 needs some 36 GB and was killed for memory. `--case gpt2 --batch 2`
+runs in about 12 minutes (a step: 27 s ours, 44 s transformers). `--steps 3 --warmup 1` shortens any run.
 
     PYTHONPATH=. python benchmarks/train_step.py [--quick | --full] [--case gpt2|bert] [--batch B] [--seq S]
                                                  [--device cpu|cuda] [--steps 7] [--warmup 2] [--out DIR]
@@ -316,7 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the small models even on a GPU")
     size.add_argument("--full", action="store_true",
-                      help="the real GPT-2 small / BERT-base widths even on a CPU (estimated: half an hour on 2 cores)")
+                      help="the real GPT-2 small / BERT-base widths even on a CPU (time and memory: the docstring)")
     parser.add_argument("--case", default="all", choices=["all", "gpt2", "bert"],
                         help="run one case only (e.g. GPT-2 with a smaller --batch, BERT at its own)")
     parser.add_argument("--batch", type=int, default=None, help="rows per batch in every case (default: the case's)")
