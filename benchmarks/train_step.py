@@ -22,10 +22,9 @@ Sizes: on a GPU the real shapes above (GPT-2 at 8 x 1024 tokens, BERT at 32 x 12
 has 512 positions). Writes benchmarks/results/train_step_<device>[_full][_b<batch>][_s<seq>].md.
 
 How long `--full` takes on a CPU, and what fits (measured 2026-12-02 on a 2-core, 24 GB machine, fp32): the
-BERT case at its real 32 x 128 ran in about 8 minutes beside another job (a step: 20 s ours, 26 s
-transformers + peft). The
-GPT-2 case at 8 x 1024 does not fit in 24 GB: transformers' eager attention and logits took 9.2 GB at
-2 x 1024 (ours 4.0 GB), so 8 x 1024 needs some 36 GB and was killed for memory. `--case gpt2 --batch 2`
+BERT case at its real 32 x 128 ran in about 8 minutes beside another job (a step: 20 s ours, 26 s transformers
++ peft). The GPT-2 case at 8 x 1024 does not fit in 24 GB: transformers' eager attention and logits took 9.2
+GB at 2 x 1024 (ours 4.0 GB), so 8 x 1024 needs some 36 GB and was killed for memory. `--case gpt2 --batch 2`
 runs in about 12 minutes (a step: 27 s ours, 44 s transformers). `--steps 3 --warmup 1` shortens any run.
 
     PYTHONPATH=. python benchmarks/train_step.py [--quick | --full] [--case gpt2|bert] [--batch B] [--seq S]
