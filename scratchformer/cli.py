@@ -338,12 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         description="Train a BPE tokenizer on Python's own docs, pretrain a small GPT-2 from scratch, fine-tune the\n"
                     "real all-MiniLM-L6-v2 with LoRA to classify stdlib docstrings, and save checkpoints, adapter,\n"
-                    "merged model, metrics.jsonl, loss plots and summary.json in --out (52 s on a nearly idle\n"
-                    "2-core CPU, 2026-11-24; about 2 minutes when other jobs keep the cores busy).\n"
+                    "merged model, metrics.jsonl, loss plots and summary.json in --out (44 s on a nearly idle\n"
+                    "2-core CPU, 2026-12-02; about 2 minutes when other jobs keep the cores busy).\n"
                     "A non-empty --out is refused unless --force, which replaces only the demo's own outputs.",
         epilog=_example("scratchformer demo --quick   |   scratchformer demo --out runs/demo2 --seed 1"))
     demo.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="the same steps, smaller (28 s on a nearly idle 2-core CPU); the tests use it")
+    demo.add_argument("--quick", action="store_true", help="the same steps, smaller (19 s on a nearly idle 2-core CPU); the tests use it")
     demo.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and sampling")
     demo.add_argument("--force", action="store_true", help="replace the demo's outputs in a non-empty --out")

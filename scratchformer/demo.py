@@ -54,10 +54,11 @@ An existing non-empty `--out` is refused unless `force=True` (`--force`); with i
 writes (the names above) are replaced, and anything else in the folder is left alone.
 
 `quick=True` (`--quick`) runs the same steps smaller. How long it takes depends mostly on what else the CPU
-is doing. Measured with `time scratchformer demo` on 2026-11-24 on one 2-core x86_64 machine:
+is doing. Measured with `time scratchformer demo` on 2-core x86_64 machines:
 
-    both cores nearly idle                          full run 52 s        --quick 28 s
-    both cores saturated by other jobs (load 5-6)   full run 2 min 3 s   --quick 70 s
+    both cores nearly idle (2026-12-02)                         full run 44 s        --quick 19 s
+    both cores nearly idle (2026-11-24)                         full run 52 s        --quick 28 s
+    both cores saturated by other jobs (load 5-6, 2026-11-24)   full run 2 min 3 s   --quick 70 s
 
 (one PyTorch thread under load, see `cpu_threads`; with PyTorch's default two threads the same loaded full run
 took 6 min 14 s). On 2026-12-02, on a more heavily loaded 2-core machine, `tests/test_demo.py`'s `--quick` run
@@ -392,13 +393,25 @@ def _run(out, quick, device, seed, progress, say, minilm, started, threads_note)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     say(f"  wrote {out / 'summary.json'}")
     gpt, cls_final, adapter, merged = out / "gpt" / "final", out / "classifier" / "final", out / "adapter", out / "merged"
+    cli = _cli_command()
     say(f"\nDone in {timings['total']:.0f} s. Try the results:")
-    say(f'  scratchformer generate {gpt} "The for statement" --max-new-tokens 30 --do-sample --seed 0')
-    say(f'  scratchformer embed {merged} "Return the square root of x." "Remove a directory tree."')
-    say(f"  scratchformer info {merged}")
-    say(f"  scratchformer info {adapter}")
-    say(f"  scratchformer merge {cls_final} {adapter} merged-again   (what the demo did to make {merged})")
+    say(f'  {cli} generate {gpt} "The for statement" --max-new-tokens 30 --do-sample --seed 0')
+    say(f'  {cli} embed {merged} "Return the square root of x." "Remove a directory tree."')
+    say(f"  {cli} info {merged}")
+    say(f"  {cli} info {adapter}")
+    say(f"  {cli} merge {cls_final} {adapter} {out / 'merged-again'}   (what the demo did to make {merged})")
     return summary
+
+
+def _cli_command() -> str:
+    """How to call the command line from the user's shell: `scratchformer` when that is on PATH (an activated
+    virtual environment), else the way this run was started (`.venv/bin/scratchformer`, `python -m ...`)."""
+    if shutil.which("scratchformer"):
+        return "scratchformer"
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "scratchformer":
+        return str(argv0)
+    return f"{sys.executable} -m scratchformer"
 
 
 @dataclass
