@@ -254,3 +254,21 @@ def test_bench_names_of_the_issue(capsys):
     names = help_text.split("names:")[1].split("positional arguments")[0]
     for name in ("attention", "lora", "adamw", "train", "train_step", "all"):
         assert f"\n  {name} " in names, name
+
+
+def test_merge_onto_a_headless_base_raises_no_false_alarm(models, tmp_path, capsys, caplog):
+    """A classifier head trained in full (modules_to_save) on a base saved without one: loading the base
+    finds the head new, the adapter then fills it. Neither the loader's 'initialised new weights' warning
+    nor merge's own 'randomly initialised' line may appear, and the merged head is the adapter's."""
+    folder = models["bert_base"][0]
+    model = apply_lora(SequenceClassifier.from_pretrained(folder, num_labels=3), r=2, modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    caplog.set_level("WARNING", logger="scratchformer")
+    caplog.clear()  # the set-up above loaded the same base: its warning is expected
+    code, out, err = run(["merge", folder, tmp_path / "adapter", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    assert "initialised new weights" not in caplog.text and "randomly initialised" not in out + err
+    merged = SequenceClassifier.from_pretrained(tmp_path / "merged")
+    assert torch.equal(merged.classifier.weight, model.classifier.weight)

@@ -8,6 +8,8 @@ into place at the end, so an interrupted merge never leaves a half-written check
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +23,7 @@ from .auto import auto_model_class, read_config
 from .checkpoint import CheckpointError, weight_files
 from .lora import ADAPTER_WEIGHTS, _modules_to_save, load_adapter, merge_lora, read_adapter_config
 from .models import SequenceClassifier, TokenClassifier, _dtype
+from .models import logger as models_logger
 
 # Files that travel with a checkpoint: tokenizers, and sentence-transformers' pooling set-up.
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -90,7 +93,11 @@ def merge_adapter(model_path, adapter_path, out, *, force: bool = False, dtype=N
     if cls in (SequenceClassifier, TokenClassifier) and labels is not None and labels != config.num_labels:
         overrides["num_labels"] = labels  # a head trained in full on a base saved without one
     target_dtype = _dtype(dtype) if dtype is not None else _stored_dtype(model_path)
-    model = cls.from_pretrained(model_path, dtype=torch.float32, **overrides)
+    # A head the adapter saves in full (modules_to_save) is "new" to the base checkpoint, but load_adapter
+    # fills it: the loader's warning about new weights would alarm for nothing. What stays new after the
+    # adapter is in `new_head`, which the report (and the command line) names.
+    with _quiet(models_logger):
+        model = cls.from_pretrained(model_path, dtype=torch.float32, **overrides)
     new_head = list(model.load_report.new)
     saved = set(adapter.modules_to_save or [])
     covered = _modules_to_save(model, saved)  # our module paths of the saved HF names (e.g. pooler.dense)
@@ -120,6 +127,20 @@ def merge_adapter(model_path, adapter_path, out, *, force: bool = False, dtype=N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return MergeReport(out, cls.__name__, target_dtype, n_modules, copied, new_head)
+
+
+@contextlib.contextmanager
+def _quiet(log: logging.Logger):
+    """Hold back `log`'s "initialised new weights" warning for the duration (every other record still shows)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialised new weights" not in record.msg
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:
