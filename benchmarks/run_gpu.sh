@@ -19,7 +19,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout ${TEST_TIMEOUT:-540} python3 -m pytest ${TESTS:-tests} -q -n 8 -p no:cacheprovider --timeout 240 --durations=15 2>&1 | tee -a "$OUT/tests.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  for b in ${BENCHES:-attention lora adamw layernorm cross_entropy engine}; do
+  for b in ${BENCHES:-attention lora adamw layernorm cross_entropy engine train_step}; do
     [ -f "benchmarks/$b.py" ] || { echo "== $b: no script"; continue; }
     echo "== $b"
     timeout ${BENCH_TIMEOUT:-300} python3 "benchmarks/$b.py" --out "$OUT/results" 2>&1 | tail -60
