@@ -48,8 +48,8 @@ def train_tokenizer(
 
     data: file paths (.txt / .jsonl / .csv, read with `iter_documents`; `text_field` and `txt_split` are
         passed on). Every one must exist, or FileNotFoundError names the missing ones. For backwards
-        compatibility `data` may also be texts, but only when none of them looks like a path (see
-        `_looks_like_path`); otherwise the whole of `data` is read as paths.
+        compatibility `data` may also be texts: it is read as texts when its first item does not look like
+        a path (see `_looks_like_path`), and then a plain file name among the texts is an error.
     texts: raw text strings, used as they are and never taken for file names (give `data` or `texts`).
     kind: "bpe" (byte-level, GPT-2 style) or "wordpiece" (BERT style).
     vocab_size: size of the final vocabulary, special tokens and (for BPE) the 256 byte symbols included.
@@ -139,6 +139,13 @@ def _looks_like_path(item) -> bool:
     return len(item) <= 4096 and os.path.isfile(item)
 
 
+def _plainly_a_path(item) -> bool:
+    """A PathLike, or one word ending in a data suffix ("notes.txt"): no text looks like that. Checked on every
+    text of `data` (cheap: no file system call), so a file name among texts is an error, not a training text."""
+    return isinstance(item, os.PathLike) or (
+        isinstance(item, str) and item.lower().endswith(SUFFIXES) and not any(c.isspace() for c in item))
+
+
 def _training_texts(data, texts, *, text_field: str, txt_split: str) -> Iterator[str]:
     """The texts to train on, from file paths (`data`) or raw strings (`texts`).
 
@@ -154,20 +161,13 @@ def _training_texts(data, texts, *, text_field: str, txt_split: str) -> Iterator
         return _strings(texts, "texts", check_paths=False)
     if isinstance(data, (str, bytes, os.PathLike)):
         raise TypeError("data must be a list of file paths, not a single path or str: write [path]")
-    if isinstance(data, (list, tuple)):
-        items = list(data)
-    else:
-        # An iterator is decided on its first item: a path means a list of paths (small: read it all and
-        # check it up front); anything else means a stream of texts, which is not materialised.
-        it = iter(data)
-        head = list(itertools.islice(it, 1))
-        if not (head and _looks_like_path(head[0])):
-            return _strings(itertools.chain(head, it), "data", check_paths=True)
-        items = head + list(it)
-    first_path = next((p for p in items if _looks_like_path(p)), None)
-    if first_path is None:
-        return _strings(items, "data", check_paths=False)  # texts, each one checked just now
-    return _files(items, first_path, text_field=text_field, txt_split=txt_split)
+    # Decided on the first item: a path means a list of paths (small: read it all and check every one up
+    # front); anything else means texts, streamed, each checked only for being plainly a file name.
+    it = iter(data)
+    head = list(itertools.islice(it, 1))
+    if not (head and _looks_like_path(head[0])):
+        return _strings(itertools.chain(head, it), "data", check_paths=True)
+    return _files(head + list(it), head[0], text_field=text_field, txt_split=txt_split)
 
 
 def _files(paths: list, first_path, *, text_field: str, txt_split: str) -> Iterator[str]:
@@ -189,12 +189,12 @@ def _files(paths: list, first_path, *, text_field: str, txt_split: str) -> Itera
 
 def _strings(items: Iterable, name: str, *, check_paths: bool) -> Iterator[str]:
     for i, t in enumerate(items):
+        if check_paths and _plainly_a_path(t):
+            raise ValueError(f"{name}[{i}] = {str(t)[:80]!r} looks like a file path, but {name} is being read "
+                             f"as texts (its first item is not a path): pass files as a list of paths and "
+                             f"raw text as texts=")
         if not isinstance(t, str):
             raise TypeError(f"{name}[{i}] must be a str (a text) or a file path, got {type(t).__name__}")
-        if check_paths and _looks_like_path(t):
-            raise ValueError(f"{name}[{i}] = {t[:80]!r} looks like a file path, but {name} is being read as "
-                             f"texts (its first item is not a path): pass files as a list of paths and "
-                             f"raw text as texts=")
         yield t
 
 

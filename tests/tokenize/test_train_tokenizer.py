@@ -117,6 +117,17 @@ def test_paths_must_all_exist_and_are_never_read_as_text(tmp_path, monkeypatch):
         train_tokenizer(["good.txt", 3], kind="bpe", vocab_size=300)
 
 
+def test_texts_with_slashes_and_urls_stay_texts(tmp_path):
+    """Decided on the first item: a list of texts may hold one-word texts with a slash or a URL (lines of real
+    corpora do); only a plain file name among them ("notes.txt", a Path) is refused."""
+    docs = _random_texts(1, n=50) + ["https://example.org/a", "TCP/IP", "and/or"]
+    kw = dict(kind="bpe", vocab_size=300, min_frequency=1)
+    assert train_tokenizer(docs, **kw).get_vocab() == train_tokenizer(texts=docs, **kw).get_vocab()
+    for odd in ("notes.txt", tmp_path / "notes.txt"):
+        with pytest.raises(ValueError, match=r"data\[50\] = .*notes.txt.* looks like a file path"):
+            train_tokenizer(docs[:50] + [odd], **kw)
+
+
 def test_files_texts_and_iterators_train_the_same_tokenizer(tmp_path):
     import random
 
