@@ -176,11 +176,13 @@ def _groups(docs: Iterator[str], chars: int, max_docs: int) -> Iterator[list[str
 # it; when none passes, the separator token joins the documents instead.
 JOINER_CANDIDATES = ("\u2016", "\u00b6", "\u00a7", "|", "~")  # ‖ ¶ § | ~
 
-# What a document may end or start with, for that check: letters, digits, punctuation, spaces, accents
-# (precomposed, and combining marks that could attach to the joiner), CJK, emoji, apostrophes that some
-# pre-tokenizers glue to a neighbour, and a line break.
-BOUNDARY_SAMPLES = ("x", "Word.", "end ", " start", "7", "3,5", "\u00e9", "e\u0301", "\u0301x", "\u6771\u4eac",
-                    "\U0001f917", "it'", "'s", "-", "(", "a\tb", "a\nb")
+# What a document may end or start with, for that check: letters, digits, punctuation, spaces and runs of
+# whitespace (byte-level BPE gives the last space of a run to the next pre-token: "end  ~" splits as
+# "end", " ", " ~" where "end  " alone ends in one "  "), accents (precomposed, and combining marks that could
+# attach to the joiner), CJK, emoji, apostrophes that some pre-tokenizers glue to a neighbour, line breaks.
+BOUNDARY_SAMPLES = ("x", "Word.", "end ", "end  ", " start", "  start", "a\n\n", "a \n", "\t", "7", "3,5",
+                    "\u00e9", "e\u0301", "\u0301x", "\u6771\u4eac", "\U0001f917", "it'", "'s", "-", "(", "a\tb",
+                    "a\nb")
 
 
 class _Encoder:
@@ -195,10 +197,12 @@ class _Encoder:
     - the separator token's own text, when it is a special token: the tokenizer cuts its input at special
       tokens before normalising and pre-tokenising, so each document is processed as if alone;
     - none: documents are encoded one by one (`slow`).
-    Guards keep the result exact: a chunk in which a document contains the joiner, or whose encoding has
-    the wrong number of joiner tokens (one merged with its neighbours), is encoded one by one, and the first
-    `check_docs` documents encoded joined are compared with one-by-one encoding; a joiner that fails there is
-    dropped for the next one.
+    What makes a character joiner safe is the check on BOUNDARY_SAMPLES: every pair of samples joined must
+    encode as the samples alone, so its list must cover every kind of text a document can end or start with.
+    Guards behind it: a chunk in which a document contains the joiner, or whose encoding has the wrong number
+    of joiner tokens (one merged with its neighbours), is encoded one by one, and the first `check_docs`
+    documents encoded joined are compared with one-by-one encoding (a joiner that fails there is dropped for
+    the next one); that comparison sees only the corpus's first documents, so it is a second line, not a proof.
 
     `start` (the Rust work, which releases the GIL) and `finish` (the Python side) are separate so that
     prepare_corpus can run `start` of the next batch on a worker thread while this one finishes.
