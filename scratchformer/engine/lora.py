@@ -238,6 +238,7 @@ def _remove_lora(model) -> None:
         with torch.device("meta"):
             base = Linear(m.in_features, m.out_features, bias=m.bias is not None)
         base.weight, base.bias = m.weight, m.bias
+        base.train(m.training)  # a fresh module is in training mode; LoRA applied on it again inherits this
         _set(model, path, base)
 
 

@@ -245,6 +245,8 @@ def test_load_with_other_targets_rank_and_saved_modules_rebuilds(hf_checkpoints,
     load_adapter(ours, tmp_path)
     fresh = load_adapter(OURS[name].from_pretrained(hf_checkpoints[name][0]), tmp_path)
     assert {n: m.r for n, m in lora_modules(ours).items()} == {n: m.r for n, m in lora_modules(fresh).items()}
+    # The model came from from_pretrained in eval mode: the rebuilt modules are too (no dropout at inference).
+    assert not ours.training and not any(m.training for m in ours.modules())
     assert ({n for n, p in ours.named_parameters() if p.requires_grad}
             == {n for n, p in fresh.named_parameters() if p.requires_grad})
     want, mask = _logits(peft_model, name, seed=23)
