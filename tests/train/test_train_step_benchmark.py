@@ -33,6 +33,8 @@ def test_cpu_default_is_small_and_full_is_the_real_widths(bench):
         [(12, 768, 50257, 2, 256), (12, 768, 30522, 2, 256)], "CPU_full_b2_s256")
     assert _plan(bench, "--full", "--case", "gpt2", "--batch", "2") == ([(12, 768, 50257, 2, 1024)], "CPU_full_gpt2_b2")
     assert _plan(bench, "--full", "--case", "bert") == ([(12, 768, 30522, 32, 128)], "CPU_full_bert")
+    assert _plan(bench, "--full", "--case", "gpt2", "--seq", "1024") == (
+        [(12, 768, 50257, 8, 1024)], "CPU_full_gpt2_s1024")  # GPT-2's positions follow its rows; BERT has 512
 
 
 @pytest.mark.parametrize("argv", [["--quick", "--full"], ["--batch", "0"], ["--seq", "513"], ["--warmup", "-1"],
