@@ -65,10 +65,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+REPLACED_SUFFIX = "-replaced"  # an older folder moved aside while its replacement takes its name
+
+
+def restore_replaced(out: Path) -> None:
+    """Put back a folder that `write_folder_atomically` moved aside when the run died before the new one took
+    its name (`.tmp-<name>-<random>-replaced` with no `<name>`): the previous checkpoint or final/ is whole."""
+    if not out.is_dir():
+        return
+    for p in out.glob(f"{TMP_PREFIX}*{REPLACED_SUFFIX}"):
+        name = p.name[len(TMP_PREFIX):-len(REPLACED_SUFFIX)].rsplit("-", 1)[0]  # mkdtemp's part has no "-"
+        if p.is_dir() and name and not (out / name).exists():
+            p.rename(out / name)
+
+
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint in the run folder, oldest first."""
+    """(step, folder) of every complete checkpoint in the run folder, oldest first (after restore_replaced)."""
     if not out.is_dir():
         return []
+    restore_replaced(out)
     found = []
     for p in out.iterdir():
         m = CHECKPOINT_RE.match(p.name)
@@ -111,13 +126,15 @@ def write_folder_atomically(final: Path, write) -> None:
     try:
         write(tmp)
         _fsync_tree(tmp)  # the data is on the disk before the rename makes it visible
-        if final.exists():  # moved aside first, so a crash here leaves it whole under a hidden name
-            replaced = tmp.with_name(tmp.name + "-replaced")
+        if final.exists():  # moved aside first; a crash before the next rename leaves it for restore_replaced
+            replaced = tmp.with_name(tmp.name + REPLACED_SUFFIX)
             final.rename(replaced)
         tmp.rename(final)
         _fsync(out)  # and the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if replaced is not None and replaced.exists() and not final.exists():
+            replaced.rename(final)  # the new folder never arrived: the old one keeps its name
         raise
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
