@@ -300,15 +300,25 @@ def state_for_saving(model, with_prefix: bool) -> dict[str, torch.Tensor]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder: a crash
+    (or a power cut) leaves the old file or the new one, never a half-written one or a name without data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if os.name != "nt":  # Windows cannot open a folder to fsync it (NTFS journals renames)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchformer.engine.checkpoint import load_weights
+from scratchformer.engine.checkpoint import atomic_write_text, load_weights
 from scratchformer.engine.lora import load_adapter, lora_modules, save_adapter
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -138,22 +138,6 @@ def write_folder_atomically(final: Path, write) -> None:
         raise
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace the file at `path` by `text` all at once (temporary file, fsync, rename, fsync of the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scratchformer.engine.checkpoint import atomic_write_text
+
 from .checkpoints import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder,
-                          seed_everything, set_rng_state, write_folder_atomically, write_text_atomically)
+                          seed_everything, set_rng_state, write_folder_atomically)
 from .config import TrainConfig
 from .distributed import DistributedContext, ShardedBatches
 
@@ -174,7 +176,7 @@ class Trainer:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        write_text_atomically(path, "".join(kept))
+        atomic_write_text(path, "".join(kept))
 
     def save(self, metrics: dict | None = None) -> None:
         if self.dist.is_main:
@@ -213,7 +215,7 @@ class Trainer:
         if resume:
             self._resume()
         elif self.dist.is_main:
-            write_text_atomically(self.out / "run.json", json.dumps(
+            atomic_write_text(self.out / "run.json", json.dumps(
                 {"train_config": config.to_dict(), **self.extra_info}, indent=2, default=str) + "\n")
         batches = self._batches()
         if not self.data_has_position:  # a plain iterable: skip what this rank consumed before the checkpoint
