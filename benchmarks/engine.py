@@ -135,9 +135,7 @@ def main(argv=None):
     for kind in ("bert", "gpt2"):
         rows += bench(kind, args.device, batch, seq, reps, args.quick, dtype)
 
-    info = device_info()
-    if args.device != "cuda" and info["cuda"]:  # timing the CPU of a GPU machine: name the CPU, not the GPU
-        info = {**info, "name": "CPU", "tag": "CPU"}
+    info = device_info(args.device)
     threads = "" if args.device == "cuda" else f", {torch.get_num_threads()} PyTorch threads"
     header = (f"# Engine vs transformers, batch {batch} x {seq} tokens, {str(dtype).removeprefix('torch.')}\n\n"
               f"Device: {info['name']}{threads}. Date: {info['date']}. Python {info['python']}, torch {info['torch']}, "

@@ -62,15 +62,20 @@ UNITS = {"TFLOP/s": 1e12, "GFLOP/s": 1e9, "TB/s": 1e12, "GB/s": 1e9, "MB/s": 1e6
 # ---- the device -------------------------------------------------------------------------------------------
 
 
-def device_info():
-    """Name, short tag (file suffix), versions and date of the machine the benchmark runs on."""
+def device_info(device: str | None = None):
+    """Name, short tag (file suffix), versions and date of the device the benchmark runs on.
+
+    device: "cuda" or "cpu"; default the GPU when there is one. A CPU benchmark on a GPU machine passes "cpu"
+    so that its results are named for the CPU, not the GPU beside it.
+    """
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    if torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if on_gpu:
         name = torch.cuda.get_device_name()
         match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", name)
         tag = match.group(1) if match else re.sub(r"\W+", "_", name)
@@ -80,7 +85,7 @@ def device_info():
     return {
         "name": name,
         "tag": tag,
-        "cuda": torch.cuda.is_available(),
+        "cuda": on_gpu,
         "torch": torch.__version__,
         "triton": triton_version,
         "python": sys.version.split()[0],

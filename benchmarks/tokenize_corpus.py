@@ -130,7 +130,7 @@ def main() -> None:
     speedup = t_base / t_ours
     ratios = sorted(b[0] / o[0] for b, o in zip(base_runs, ours_runs))
     tok_label = tok_dir.parent.name if tok_dir.name == "model" else tok_dir.name
-    device = device_info()
+    device = device_info("cpu")  # tokenising runs on the CPU, whatever GPU the machine has
     import tokenizers
     import transformers
 

@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real paths: Triton on CUDA, torc
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import device_info  # noqa: E402
 
 HERE = Path(__file__).resolve()
 LORA = dict(r=8, alpha=16, targets=["query", "value"])
@@ -278,13 +279,6 @@ def bench(case: dict, device: str, precision: str, steps: int, warmup: int) -> d
     return row
 
 
-def device_tag(device: str) -> str:
-    if device != "cuda":
-        return "CPU"
-    match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]*)\b", torch.cuda.get_device_name())
-    return match.group(1) if match else re.sub(r"\W+", "_", torch.cuda.get_device_name())
-
-
 def _fmt_mem(mb):
     return "n/a" if mb is None else f"{mb:.0f}"
 
@@ -344,7 +338,7 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], str]:
     full = args.full or (args.device == "cuda" and not args.quick)
     overrides = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
     chosen = [{**case, **overrides} for case in cases(full) if getattr(args, "case", "all") in ("all", case["kind"])]
-    tag = device_tag(args.device)
+    tag = device_info(args.device)["tag"]
     if args.device == "cuda" and not full:
         tag += "_quick"
     elif args.device != "cuda" and full:
