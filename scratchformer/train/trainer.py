@@ -109,6 +109,7 @@ class Trainer:
         self.model.to(self.device)
         if getattr(self.model, "body", None) is not None:
             self.model.body.gradient_checkpointing = config.gradient_checkpointing
+        self._all_finite = torch.zeros(1, device=self.device)  # AdamW's found_inf when the norm is finite
         self.optimizer = AdamW(parameter_groups(self.model, config.weight_decay), lr=config.lr,
                                betas=(config.beta1, config.beta2), eps=config.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
@@ -272,7 +273,12 @@ class Trainer:
             # Clipping and unscaling fold into one divisor that the fused AdamW applies as it reads the gradients.
             clip = self.config.max_grad_norm
             divisor = self.loss_scale * (max(1.0, (norm + 1e-6) / clip) if clip else 1.0)  # torch's clip rule
-            self.optimizer.step(grad_scale=divisor if divisor != 1.0 else None)
+            if divisor != 1.0:
+                # A finite norm means every gradient is finite: the flag says so, so AdamW skips its own check
+                # (a second pass over every gradient) that a grad_scale alone would start.
+                self.optimizer.step(grad_scale=divisor, found_inf=self._all_finite)
+            else:
+                self.optimizer.step()
             self.scheduler.step()
         if self.config.precision == "fp16":
             self._update_loss_scale(skipped)

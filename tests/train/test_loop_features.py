@@ -177,3 +177,20 @@ def test_weight_decay_spares_exactly_biases_layernorms_and_embeddings(kind, hf_t
     assert by_decay[0.0] == _expected_no_decay(model)
     assert by_decay[0.1] == trainable - by_decay[0.0]
     assert all(model.get_parameter(n).dim() == 2 for n in by_decay[0.1])  # only matrices decay
+
+
+def test_a_clipped_step_reads_the_gradients_once_for_the_norm(hf_tiny, tmp_path, monkeypatch):
+    """The Trainer measures the norm (finite: every gradient is), then hands AdamW the clip divisor and a
+    found_inf flag of 0, so AdamW does not start a second non-finite check over every gradient (that the
+    clipped steps still equal torch's clipping + AdamW is test_trainer's reference parity)."""
+    from scratchformer.train import optim
+
+    calls = []
+    real = optim.nonfinite_check_
+    monkeypatch.setattr(optim, "nonfinite_check_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    folder, _ = hf_tiny("gpt2", no_dropout=True)
+    model = CausalLM.from_pretrained(folder, **NO_DROPOUT)
+    records = Trainer(model, tiny_config(tmp_path, max_grad_norm=0.01), train_data=lm_batches(3, 97)).train()
+    norms = [r["grad_norm"] for r in records if "loss" in r]
+    assert len(norms) == 3 and all(n > 0.01 for n in norms)  # every step was clipped (divisor != 1)
+    assert calls == []
