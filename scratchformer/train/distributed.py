@@ -98,10 +98,14 @@ class ShardedBatches:
     def __iter__(self):
         stream = iter(self.batches)
         while True:
-            round_ = list(itertools.islice(stream, self.world_size))
-            if len(round_) < self.world_size:
+            mine, count = None, 0
+            for i, batch in enumerate(itertools.islice(stream, self.world_size)):
+                count += 1
+                if i == self.rank:
+                    mine = batch  # the others' batches are read (to move the stream on) but not kept
+            if count < self.world_size:
                 return
-            yield round_[self.rank]
+            yield mine
 
     def state_dict(self):
         return self.batches.state_dict()
