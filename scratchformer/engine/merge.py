@@ -131,10 +131,11 @@ def merge_adapter(model_path, adapter_path, out, *, force: bool = False, dtype=N
 
 @contextlib.contextmanager
 def _quiet(log: logging.Logger):
-    """Hold back `log`'s "initialised new weights" warning for the duration (every other record still shows)."""
+    """Hold back `log`'s "initialised new weights" warning (tagged `new_weights` by from_pretrained) for the
+    duration; every other record still shows."""
 
     def keep(record: logging.LogRecord) -> bool:
-        return "initialised new weights" not in record.msg
+        return not hasattr(record, "new_weights")
 
     log.addFilter(keep)
     try:

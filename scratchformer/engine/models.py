@@ -85,7 +85,8 @@ class PreTrainedModel(nn.Module):
             for name in report.new + [name for name, _, _ in report.mismatched]:
                 _init_new_parameter(name, params[name], config.initializer_range)
         if report.new:
-            logger.warning("%s: initialised new weights not in %s: %s", cls.__name__, folder, report.new)
+            logger.warning("%s: initialised new weights not in %s: %s", cls.__name__, folder, report.new,
+                           extra={"new_weights": report.new})  # tagged, so a caller can hold this one back
         if report.mismatched:
             logger.warning("%s: initialised anew weights whose shape differs in %s: %s", cls.__name__, folder,
                            ", ".join(f"{name} (file {theirs}, model {ours})" for name, theirs, ours in report.mismatched))
