@@ -190,7 +190,7 @@ def _files(paths: list, first_path, *, text_field: str, txt_split: str) -> Itera
 def _strings(items: Iterable, name: str, *, check_paths: bool) -> Iterator[str]:
     for i, t in enumerate(items):
         if check_paths and _plainly_a_path(t):
-            raise ValueError(f"{name}[{i}] = {str(t)[:80]!r} looks like a file path, but {name} is being read "
+            raise ValueError(f"{name}[{i}] = {os.fspath(t)[:300]!r} looks like a file path, but {name} is being read "
                              f"as texts (its first item is not a path): pass files as a list of paths and "
                              f"raw text as texts=")
         if not isinstance(t, str):
