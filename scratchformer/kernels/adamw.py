@@ -27,6 +27,14 @@ we evaluate it as `-expm1(step * log(beta))` with `log(beta)` taken in double on
 Taylor series for small arguments, which keeps it within a few fp32 ulps of the double-precision value
 torch uses.
 
+Learning rate on the device
+---------------------------
+`lr` is a float, or a one-element fp32 tensor on the parameters' device that the kernel loads. A schedule
+that writes the next step's rate into that tensor needs no host round trip, and a captured CUDA graph,
+which replays its launches with the arguments they were captured with, reads the new rate at each replay.
+The weight decay factor `1 - lr * weight_decay` is then formed in fp32 in the kernel (in double on the
+host for a float lr): one fp32 rounding of a number close to 1.
+
 Numerics: every load is converted to fp32, all maths is fp32 in the order torch.optim.AdamW uses
 (`p *= 1 - lr * wd`; `m.lerp_(g, 1 - beta1)`; `v = v * beta2 + (1 - beta2) * g * g`;
 `p += -lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`), with IEEE-rounded division and square root. The
@@ -165,8 +173,10 @@ def _adamw_kernel(
     state_like,  # first exp_avg: element type of exp_avg / exp_avg_sq / max_exp_avg_sq
     found_inf_ptr,  # fp32 [1]: non-zero means "some gradient is inf/NaN, change nothing"
     grad_scale_ptr,  # fp32 [1]: gradients are divided by it
+    lr_ptr,  # fp32 [1]: the learning rate, read when LR_ON_DEVICE (then `lr` and `decay` are unused)
     lr,
     decay,  # 1 - lr * weight_decay, computed in double on the host
+    weight_decay,
     lerp_weight,  # 1 - beta1
     beta2,
     one_minus_beta2,
@@ -178,6 +188,7 @@ def _adamw_kernel(
     MASTER: tl.constexpr,  # the fp32 master copy is the weight; the parameter gets its rounded value
     HAS_FOUND_INF: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
     ALIGNED: tl.constexpr,  # every address in the table is 16-byte aligned
     BLOCK: tl.constexpr,
 ):
@@ -185,6 +196,9 @@ def _adamw_kernel(
     t = tl.load(block_tensor_ptr + pid)
     start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)  # blocks start at multiples of BLOCK
     n = tl.load(numel_ptr + t)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
+        decay = 1.0 - lr * weight_decay
     if HAS_FOUND_INF:
         # A skipped step masks every load and store off: no traffic, no change, no host round trip.
         n = tl.where(tl.load(found_inf_ptr) == 0.0, n, 0)
@@ -322,7 +336,7 @@ def fused_adamw_(
     master_params: list[torch.Tensor] | None,
     state_steps: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -344,7 +358,8 @@ def fused_adamw_(
     on the device; each is incremented by one (by `1 - found_inf` when found_inf is given) BEFORE the
     update, as torch's fused AdamW does. grad_scale: fp32 [1] or 0-dim device tensor the gradients are
     divided by. found_inf: fp32 [1] or 0-dim device tensor; non-zero skips the whole step (state unchanged).
-    cache: a dict the caller keeps between steps so the launch tables (and the argument checks) are reused
+    lr: a float, or an fp32 [1] or 0-dim tensor on the device, read by the kernel (see "Learning rate on the
+    device" above). cache: a dict the caller keeps between steps so the launch tables (and the argument checks) are reused
     while the params' and grads' addresses stay the same; use a fresh dict after replacing state tensors.
     Nothing syncs with the host.
     """
@@ -376,6 +391,7 @@ def fused_adamw_(
     ]
     table, numels, block_tensor, block_start, n_blocks, aligned = _launch_table(rows, block, cache, validate=validate)
 
+    lr_on_device = torch.is_tensor(lr)
     torch._foreach_add_(state_steps, 1.0)
     dummy = state_steps[0]
     _adamw_kernel[(n_blocks,)](
@@ -389,8 +405,10 @@ def fused_adamw_(
         exp_avgs[0],
         found_inf if found_inf is not None else dummy,
         grad_scale if grad_scale is not None else dummy,
-        float(lr),
-        1.0 - float(lr) * float(weight_decay),
+        lr if lr_on_device else dummy,
+        0.0 if lr_on_device else float(lr),
+        1.0 if lr_on_device else 1.0 - float(lr) * float(weight_decay),
+        float(weight_decay),
         1.0 - beta1,
         beta2,
         1.0 - beta2,
@@ -402,6 +420,7 @@ def fused_adamw_(
         MASTER=master_params is not None,
         HAS_FOUND_INF=found_inf is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
+        LR_ON_DEVICE=lr_on_device,
         ALIGNED=aligned,
         BLOCK=block,
         num_warps=num_warps,
@@ -464,6 +483,7 @@ def adamw_reference_(
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return
+    lr = float(lr)  # a tensor lr is read here: the reference is host code for tests
     for i, param in enumerate(params):
         g = grads[i].float()
         if grad_scale is not None:

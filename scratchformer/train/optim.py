@@ -15,7 +15,9 @@ when the interpreter is on, torch otherwise. Both keep the same state, so a stat
 State per parameter is torch's: `step` (float32 0-dim tensor on the parameter's device, as torch's fused
 AdamW keeps it), `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` (amsgrad), plus `master_param` (fp32 copy of a
 bf16/fp16 parameter when master_weights=True; the moments are then fp32 too). Learning rate and the other
-hyper-parameters are read from `param_groups` at every step, so LR schedulers work.
+hyper-parameters are read from `param_groups` at every step, so LR schedulers work. The learning rate may be a
+one-element fp32 tensor on the parameters' device: the kernels read it there, so a schedule that updates it in
+place (the Trainer does) needs no host round trip, and a captured CUDA graph sees each new value.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) in one fused launch per group.
 
     params: parameters or parameter-group dicts (each group may set lr, betas, eps, weight_decay, amsgrad,
-    maximize). master_weights: keep fp32 master copies (and fp32 moments) of bf16/fp16 parameters; the
+    maximize). lr: a float, or a one-element fp32 tensor on the parameters' device (read there at every step;
+    groups given none share it). master_weights: keep fp32 master copies (and fp32 moments) of bf16/fp16 parameters; the
     update happens in fp32 and the parameter receives the rounded master in the same pass. fp32
     parameters are unaffected. backend: "auto" | "triton" | "torch" (see the module docstring).
     """
@@ -53,8 +56,11 @@ class AdamW(torch.optim.Optimizer):
         *,
         backend: str = "auto",
     ):
-        if isinstance(lr, torch.Tensor) or not lr >= 0.0:
-            raise ValueError(f"lr must be a non-negative float, got {lr!r}")
+        if torch.is_tensor(lr):
+            if lr.numel() != 1 or lr.dtype != torch.float32:
+                raise ValueError(f"a tensor lr must be one fp32 element, got shape {tuple(lr.shape)} {lr.dtype}")
+        elif not lr >= 0.0:
+            raise ValueError(f"lr must be a non-negative float (or a one-element fp32 tensor), got {lr!r}")
         if not eps >= 0.0:
             raise ValueError(f"eps must be non-negative, got {eps!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -180,7 +186,9 @@ class AdamW(torch.optim.Optimizer):
             gi, device = key[0], key[1]
             group = self.param_groups[gi]
             beta1, beta2 = group["betas"]
-            kw = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            lr = group["lr"]
+            lr = lr.to(device, non_blocking=True) if torch.is_tensor(lr) else float(lr)
+            kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
                       grad_scale=scale_by_device.get(device), found_inf=inf_by_device.get(device))
             masters = b["masters"] if key[5] else None

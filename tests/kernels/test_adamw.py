@@ -101,6 +101,26 @@ def test_unaligned_views(device):
     assert torch.allclose(multi_tensor_norm(grads, block=256), flat.norm(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
+def test_lr_on_the_device_matches_the_reference(device, dtype, master):
+    """A tensor lr (what a schedule updates in place, and what a captured CUDA graph replays) is read by the kernel
+    at each launch: changing the tensor between launches changes the step, as a float lr would."""
+    ours = _state(device, dtype, master, False)
+    ref = _clone(ours)
+    lr = torch.empty(1, device=device)
+    for step, rate in enumerate([3e-2, 1e-3, 0.0, 7e-3]):
+        lr.fill_(rate)
+        grads = [torch.randn(s, device=device).to(dtype) for s in SHAPES]
+        kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+        _run(fused_adamw_, ours, grads, lr=lr, **kw, block=256, num_warps=4)
+        # the kernel forms 1 - lr * weight_decay in fp32, the reference in double: far inside the tolerance
+        _run(adamw_reference_, ref, grads, lr=float(lr), **kw)
+    tol = TOL[torch.float32] if (master or dtype == torch.float32) else TOL[dtype]
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "master_params"):
+        if ours[key] is not None:
+            assert _rel(ours[key], ref[key]) <= (TOL[dtype] if key == "params" else tol), key
+
+
 def test_found_inf_skips_everything(device):
     st = _state(device, torch.float32, False, True)
     before = _clone(st)

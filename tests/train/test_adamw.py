@@ -83,6 +83,30 @@ def test_torch_backend_matches_torch_adamw(device):
         assert rel_err(p, q) <= FP32_RTOL
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_lr_tensor_updated_in_place_matches_a_scheduled_float_lr(device, backend):
+    """lr given as a device tensor (what the Trainer's DeviceSchedule writes in place): every group reads its
+    current value at each step, exactly as torch's AdamW reads a float lr that LambdaLR changes."""
+    ours_p = make_params(device)
+    ref_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
+    rate = torch.full((1,), 1e-2, device=device)
+    ours = AdamW([dict(params=ours_p[:3], weight_decay=0.1), dict(params=ours_p[3:], weight_decay=0.0)], lr=rate,
+                 backend=backend)
+    ref = torch.optim.AdamW([dict(params=ref_p[:3], weight_decay=0.1), dict(params=ref_p[3:], weight_decay=0.0)],
+                            lr=1e-2)
+    lam = linear_warmup_cosine_decay_lambda(3, 12, 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lam)
+    for step in range(12):
+        set_grads([ours_p, ref_p], step, device)
+        rate.fill_(sched.get_last_lr()[0])
+        ours.step()
+        ref.step()
+        sched.step()
+    assert all(g["lr"] is rate for g in ours.param_groups)
+    for p, q in zip(ours_p, ref_p):
+        assert rel_err(p, q) <= FP32_RTOL
+
+
 def test_auto_backend_choice(monkeypatch):
     opt = AdamW([torch.nn.Parameter(torch.randn(3))])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -202,6 +226,8 @@ def test_bad_arguments():
     p = [torch.nn.Parameter(torch.randn(3))]
     with pytest.raises(ValueError, match="lr"):
         AdamW(p, lr=-1.0)
+    with pytest.raises(ValueError, match="one fp32 element"):
+        AdamW(p, lr=torch.full((2,), 1e-3))
     with pytest.raises(ValueError, match="betas"):
         AdamW(p, betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="backend"):
