@@ -10,6 +10,7 @@ from scratchformer.train.config import TrainConfig, read_config_file
 from scratchformer.train.optim import AdamW
 from scratchformer.train.recipes import LoRASettings, finetune, pretrain
 from scratchformer.train.schedules import (
+    DeviceSchedule,
     linear_warmup_cosine_decay_lambda,
     linear_warmup_cosine_decay_schedule,
     linear_warmup_linear_decay_lambda,
@@ -19,6 +20,7 @@ from scratchformer.train.trainer import Trainer
 
 __all__ = [
     "AdamW",
+    "DeviceSchedule",
     "LoRASettings",
     "TrainConfig",
     "Trainer",

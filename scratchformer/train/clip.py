@@ -5,6 +5,11 @@ total norm of all gradients (as if concatenated into one vector) and, when that 
 multiplies every gradient by `max_norm / (total_norm + 1e-6)`. On CUDA (or under TRITON_INTERPRET=1) the
 norm is one Triton launch per gradient dtype writing per-block partial results, finished by one torch
 reduction (deterministic, no host sync); elsewhere it is torch's `_foreach_norm`.
+
+An optimizer that divides the gradients as it reads them (our AdamW's `grad_scale`) can apply the clipping
+itself: measure the norm with `max_norm=inf` (no pass over the gradients) and divide by `clip_divisor(norm,
+max_norm)`, torch's coefficient as a divisor, computed on the device. Clipping then costs no host read and no
+extra pass over the gradients.
 """
 
 from __future__ import annotations
@@ -27,14 +32,15 @@ def _use_triton(device: torch.device, backend: str) -> bool:
 
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    *, backend: str = "auto") -> torch.Tensor:
+                    *, backend: str = "auto", cache: dict | None = None) -> torch.Tensor:
     """Clip the gradients of `parameters` in place to a global norm of at most `max_norm`.
 
     parameters: a tensor or an iterable of tensors whose `.grad` is used (None grads are skipped).
     norm_type: 2.0 or inf use the fused kernel; other p fall back to torch. Returns the total norm as a
     float32 0-dim tensor on the gradients' device (torch returns it in the gradients' dtype).
     max_norm=inf measures the norm and leaves the gradients alone (torch multiplies them by 1, or by NaN when
-    the norm is not finite).
+    the norm is not finite). cache: a dict the caller keeps between calls; the fused kernel's launch tables
+    are then reused while the gradients stay where they are (no upload per call: what a CUDA graph needs).
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -46,9 +52,11 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
     norms = []
-    for (device, _), gs in groups.items():
+    for (device, dtype), gs in groups.items():
         if _use_triton(device, backend) and norm_type in (2.0, math.inf):
-            norms.append(multi_tensor_norm([g if g.is_contiguous() else g.contiguous() for g in gs], norm_type))
+            tables = None if cache is None else cache.setdefault((device, dtype), {})
+            norms.append(multi_tensor_norm([g if g.is_contiguous() else g.contiguous() for g in gs], norm_type,
+                                           cache=tables))
         else:
             norms.extend(n.float() for n in torch._foreach_norm(gs, norm_type))
     first_device = grads[0].device
@@ -63,3 +71,10 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     for (device, _), gs in groups.items():
         torch._foreach_mul_(gs, coef.to(device))
     return total
+
+
+def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide the gradients by to clip them as `clip_grad_norm_` does: `max(1, (total_norm + 1e-6) /
+    max_norm)`, the reciprocal of torch's coefficient `min(1, max_norm / (total_norm + 1e-6))`. A device tensor
+    of total_norm's shape; no host read. Non-finite when the norm is (the step is then skipped)."""
+    return torch.clamp((total_norm + 1e-6) / max_norm, min=1.0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scratchformer.train import clip_grad_norm_
+from scratchformer.train.clip import clip_divisor
 
 SHAPES = [(37, 5), (4099,), (3,), (7, 3, 2)]
 
@@ -51,3 +52,21 @@ def test_infinite_max_norm_only_measures(device, monkeypatch):
     expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in before]))
     assert torch.allclose(total, expected, rtol=1e-6, atol=0)
     assert not calls and all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])
+def test_dividing_by_clip_divisor_clips_as_torch(device, max_norm):
+    """The Trainer's clipping: the norm measured with max_norm=inf, the gradients divided by clip_divisor (as
+    AdamW's grad_scale does): the gradients torch's clip_grad_norm_ leaves, to fp32 rounding."""
+    ours = [torch.nn.Parameter(torch.randn(s, device=device)) for s in SHAPES]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, ref):
+        p.grad = torch.randn(p.shape, device=device)
+        q.grad = p.grad.clone()
+    divisor = clip_divisor(clip_grad_norm_(ours, math.inf), max_norm)
+    torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert divisor.device == ours[0].grad.device and divisor.dim() == 0
+    for p, q in zip(ours, ref):
+        assert torch.allclose(p.grad / divisor, q.grad, rtol=2e-7, atol=0)
+    assert (divisor.item() == 1.0) == (max_norm == 1e6)  # the large bound leaves the gradients alone
+    assert not torch.isfinite(clip_divisor(torch.tensor(float("nan")), 1.0))  # a NaN norm is no bound

@@ -7,6 +7,7 @@ import torch
 
 from scratchformer.train import (
     AdamW,
+    DeviceSchedule,
     linear_warmup_cosine_decay_lambda,
     linear_warmup_cosine_decay_schedule,
     linear_warmup_linear_decay_lambda,
@@ -46,6 +47,27 @@ def test_scheduler_drives_our_adamw(make):
         sched.step()
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(2e-3) and lrs[12] == pytest.approx(2e-3 * 0.625)
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.25)
+
+
+def test_device_schedule_follows_lambda_lr_and_skips_on_the_device():
+    """DeviceSchedule's rate is LambdaLR's get_last_lr() rounded once to fp32, step for step; a step taken with
+    taken=0 (a skipped step) leaves count and rate where they were; its state loads back."""
+    lam = linear_warmup_cosine_decay_lambda(3, 17, 0.1)
+    p = torch.nn.Parameter(torch.randn(2))
+    ref = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([p], lr=7e-4), lam)
+    ours = DeviceSchedule(lam, 17, 7e-4, "cpu")
+    taken = [1, 1, 0, 1, 0, 0, 1] + [1] * 13  # 17 steps taken in all
+    for t in taken:
+        assert ours.rate.item() == torch.tensor(ref.get_last_lr()[0], dtype=torch.float32).item()
+        ours.step(taken=torch.tensor(float(t)))
+        if t:
+            ref.step()
+    assert ours.state_dict() == {"last_epoch": ref.last_epoch} == {"last_epoch": 17}
+    again = DeviceSchedule(lam, 17, 7e-4, "cpu")
+    again.load_state_dict({"last_epoch": 9})
+    assert again.steps.item() == 9 and again.rate.item() == torch.tensor(7e-4 * lam(9), dtype=torch.float32).item()
+    with pytest.raises(ValueError, match="spans 17 steps"):
+        again.load_state_dict({"last_epoch": 18})
 
 
 def test_bad_arguments():
