@@ -12,6 +12,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every kernel defined now, with the variable set: a test that unsets it for itself (to run torch's CPU paths)
+# and happens to import the kernels first would otherwise define them for a GPU driver there is none of.
+import scratchformer.kernels  # noqa: E402,F401
 import pytest  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
