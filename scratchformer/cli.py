@@ -451,5 +451,9 @@ def main(argv=None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"scratchformer {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, and how to continue a training run that saved its step
+        from scratchformer.cli_train import interruption_message
+
+        print(f"scratchformer {args.command}: {interruption_message(err, sys.argv[1:] if argv is None else argv)}",
+              file=sys.stderr)
         return 130

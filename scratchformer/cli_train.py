@@ -11,6 +11,7 @@ old one gives one line on stderr and exit status 2, and leaves --out as it was.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -135,6 +136,8 @@ def _printer(record: dict) -> None:
     if record.get("event") == "resumed":
         print(f"resumed from {record['checkpoint']} at step {record['step']}", flush=True)
         return
+    if record.get("event") in ("stopped", "interrupted"):  # the error line on stderr says it
+        return
     parts = [f"step {record.get('step', '?'):>6}"]
     for key, value in record.items():
         if key == "step":
@@ -145,6 +148,17 @@ def _printer(record: dict) -> None:
             text = str(value)
         parts.append(f"{key} {text}")
     print("  ".join(parts), flush=True)
+
+
+def interruption_message(err: KeyboardInterrupt, argv: list[str]) -> str:
+    """The line for a Ctrl-C: after a training run saved the step it finished, the command that continues it
+    (the same command and flags, with --resume)."""
+    from scratchformer.train.interrupt import TrainingInterrupted
+
+    if not isinstance(err, TrainingInterrupted) or err.checkpoint is None:
+        return "interrupted"
+    command = shlex.join(["scratchformer", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"interrupted at step {err.step}, saved in {err.checkpoint}; resume with: {command}"
 
 
 def _report(final: Path, out: Path) -> int:

@@ -394,3 +394,52 @@ def test_existing_run_and_bad_config_file(tokens, tmp_path, capsys):
     _assert_refused(pretrain_args(tokens, tmp_path / "new", "--config", cfg), capsys, tmp_path, "--config")
     _assert_refused(pretrain_args(tokens, tmp_path / "new", "--config", tmp_path / "run.yaml"), capsys, tmp_path,
                     "--config")
+
+
+# ---- stopping early ----------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_saves_the_step_and_names_the_resume_command(tokens, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after step 2: exit 130 and one line naming the checkpoint and the command that continues the run;
+    that command, run as printed, finishes it."""
+    import os
+    import shlex
+    import signal
+
+    from scratchformer import cli_train
+
+    printer = cli_train._printer
+
+    def interrupt_after_step_2(record):
+        printer(record)
+        if record.get("step") == 2 and "loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli_train, "_printer", interrupt_after_step_2)
+    (tmp_path / "run.toml").write_text("log_every = 1\n")
+    out = tmp_path / "run"
+    argv = [str(a) for a in pretrain_args(tokens, out, "--max-steps", "4", "--config", tmp_path / "run.toml")]
+    code, _, err = run(argv, capsys)
+    assert code == 130
+    command = shlex.join(["scratchformer", *argv, "--resume"])
+    assert err == (f"scratchformer pretrain: interrupted at step 2, saved in {out / 'checkpoint-000002'}; "
+                   f"resume with: {command}\n")
+    monkeypatch.setattr(cli_train, "_printer", printer)
+    code, stdout, err = run(shlex.split(command)[1:], capsys)
+    assert code == 0, err
+    assert "resumed from checkpoint-000002 at step 2" in stdout and (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_loss_that_turns_nan_stops_with_one_line(tokens, tmp_path, capsys):
+    """A learning rate so large that the first step sends the weights to inf: from step 2 on every loss is NaN
+    (those steps are skipped). The look at the failures before the checkpoint of step 4 stops the run: exit 2,
+    one line naming the steps and the last checkpoint (whose weights are step 1's, finite); no final/."""
+    out = tmp_path / "run"
+    code, _, err = run(pretrain_args(tokens, out, "--max-steps", "8", "--save-every", "1", "--lr", "1e30"), capsys)
+    assert code == 2
+    assert err == ("scratchformer pretrain: error: training stopped at step 4: the loss or its gradients were NaN "
+                   "or inf at 3 steps in a row (2 to 4); those steps were skipped and changed no weight; the last "
+                   f"checkpoint is {out / 'checkpoint-000003'}\n"), err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    model = CausalLM.from_pretrained(out / "checkpoint-000003")
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and not (out / "final").exists()

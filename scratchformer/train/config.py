@@ -32,7 +32,11 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, inf steps skipped)
     gradient_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (forward and backward; the optimizer step is our kernel)
+    # Capture each step (forward, backward, clipping, AdamW, schedule) in a CUDA graph after two warm-up steps
+    # and replay it: CUDA only, batches of one shape, not with gradient_checkpointing or torchrun.
+    cuda_graphs: bool = False
+    stop_after_nonfinite: int = 3  # stop when this many steps in a row had a NaN / inf loss or gradient (0: never)
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when there is eval data)
     save_every: int = 0  # 0: checkpoint only at the end
@@ -64,6 +68,10 @@ class TrainConfig:
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.eval_every >= 0 and self.save_every >= 0, "eval_every and save_every must be >= 0"),
             (self.keep_last >= 1, "keep_last must be >= 1"),
+            (self.stop_after_nonfinite >= 0, "stop_after_nonfinite must be >= 0"),
+            # Checkpointing saves and restores the RNG state on the host during the step, which a capture cannot hold.
+            (not (self.cuda_graphs and self.gradient_checkpointing),
+             "cuda_graphs cannot capture gradient_checkpointing: turn one of them off"),
             (self.best_mode in ("min", "max"), "best_mode must be 'min' or 'max'"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),  # numpy's seed range
         ]

@@ -61,13 +61,12 @@ class DistributedContext:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    def mean(self, value: float) -> float:
-        """The mean of a Python number over all ranks (the logged loss)."""
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-        return float(t) / self.world_size
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum ("sum") or maximum ("max") of a device tensor over all ranks, in place; queued on the device like
+        any kernel (NCCL), so the host does not wait for it."""
+        if self.enabled:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
 
     def barrier(self) -> None:
         if self.enabled:

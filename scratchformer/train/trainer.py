@@ -9,14 +9,30 @@ in scratchformer.tokenize do) its position is checkpointed; otherwise a resumed 
 consumed. Each optimizer step takes `grad_accum` micro-batches, each loss divided by `grad_accum`.
 
 What a step does, in order: forward under autocast (bf16 / fp16), backward (fp16: of the scaled loss; under
-DDP gradients are synchronised only on the last micro-step), global-norm clipping, our fused AdamW (weight
-decay off for biases, LayerNorms and embeddings), the LR schedule, logging, evaluation, checkpointing.
+DDP gradients are synchronised only on the last micro-step), the global gradient norm, our fused AdamW with
+clipping and unscaling folded into the divisor it applies to the gradients (weight decay off for biases,
+LayerNorms and embeddings), the LR schedule, the fp16 loss scale. A step whose loss or gradient norm is not
+finite is skipped: weights, moments and step counts stay as they were, the schedule does not move on.
 
-Every `log_every` steps a record goes to the callbacks and to <out>/metrics.jsonl: step, loss, lr, grad_norm
-(null in the file for a skipped fp16 step, whose norm is inf), tokens_per_s, peak_memory_gb (CUDA: the peak
-of allocated memory; CPU: the process's peak resident memory) and, on known GPUs, mfu. Evaluations add
-records of their own (step and eval_* metrics). A resumed run first drops the records of the steps after its
-checkpoint, so the file holds each step once.
+The host never waits for the GPU inside a step: the loss, token count, gradient norm, skip decision, loss
+scale and learning rate all stay on the device (`StepReadings`, `DynamicLossScale`, `DeviceSchedule`), and are
+read once per `log_every` steps, when a record is written (and before a checkpoint). So the GPU runs ahead
+of Python, and the whole step can be captured in a CUDA graph (`cuda_graphs=True`, see cuda_graph.py).
+
+Every `log_every` steps a record goes to the callbacks and to <out>/metrics.jsonl: step, loss (of that step),
+lr (of the next), grad_norm (null in the file for a skipped step, whose norm is inf or NaN), tokens_per_s
+(since the previous record), peak_memory_gb (CUDA: the peak of allocated memory; CPU: the process's peak
+resident memory) and, on known GPUs, mfu. Evaluations add records of their own (step and eval_* metrics). A
+resumed run first drops the records of the steps after its checkpoint, so the file holds each step once.
+
+Two ways a run stops early:
+- Non-finite losses: when `stop_after_nonfinite` steps in a row had a NaN or inf loss or gradient (fp16:
+  overflows at the smallest loss scale; above it they only lower the scale), the run raises `NonFiniteLoss`
+  at the next record or checkpoint, whichever comes first (so at most `log_every - 1` steps after the last
+  of them), naming the steps. Skipped steps changed nothing, so the checkpoints are all good; none is written.
+- Ctrl-C: the step in progress finishes, a checkpoint of it is written, and `TrainingInterrupted` (a
+  KeyboardInterrupt) says where; a second Ctrl-C stops at once (see interrupt.py). Under torchrun Ctrl-C
+  stops at once, as usual, and the run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -37,13 +53,23 @@ from scratchformer.engine.checkpoint import atomic_write_text
 
 from .checkpoints import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder,
                           seed_everything, set_rng_state, write_folder_atomically)
+from .clip import clip_divisor, clip_grad_norm_
 from .config import TrainConfig
+from .cuda_graph import CapturedStep
 from .distributed import DistributedContext, ShardedBatches
+from .interrupt import TrainingInterrupted, deferred_interrupt
+from .loss_scale import DynamicLossScale
+from .optim import AdamW
+from .schedules import DeviceSchedule
 
 # Parameters that get no weight decay: biases, LayerNorm scales/shifts, embeddings (nanoGPT's and HF's rule).
 NO_DECAY_MARKERS = ("bias", "norm", "ln_", "embeddings.", "mlm_bias")
 
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The run stopped: its loss or gradients were NaN or inf for `stop_after_nonfinite` steps in a row."""
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -65,6 +91,23 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
         return lambda step: min(1.0, step / warmup) if warmup else 1.0
     make = linear_warmup_cosine_decay_lambda if config.decay == "cosine" else linear_warmup_linear_decay_lambda
     return make(config.warmup_steps, config.max_steps, min_ratio=config.min_lr_ratio)
+
+
+class StepReadings:
+    """What the steps leave for the log, in device tensors that every step writes in place (0-dim; fp32 unless
+    said): read on the host only when a record is written or a checkpoint is due.
+
+    loss: the last step's loss (its micro-batches' losses, each divided by grad_accum, summed). grad_norm: its
+    gradient norm, unscaled (inf or NaN when not finite). skipped: 1 if the last step was skipped. tokens:
+    int64, tokens (attention-mask ones) since the last record. step: the steps done. streak: failed steps in
+    a row up to the last one (non-finite; fp16: at the smallest loss scale). longest: the longest streak
+    since the last check; longest_end: the step it ended at.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss, self.grad_norm, self.skipped, self.step, self.streak, self.longest, self.longest_end = (
+            torch.zeros((), device=device) for _ in range(7))
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
 
 
 class Trainer:
@@ -91,17 +134,19 @@ class Trainer:
         self.extra_info = extra_info or {}
         self.out = Path(config.out)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; this run trains on {self.device}")
         self.dist = DistributedContext.from_environment(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if config.cuda_graphs and self.dist.enabled:
+            raise ValueError("cuda_graphs=True is not supported under torchrun (DDP): train without it there")
         self.step = 0
         self.history: list[dict] = []
 
     # ---- set-up ----------------------------------------------------------------------------------------
 
     def _setup(self):
-        from . import AdamW
-
         config = self.config
         # Again here, so dropout and anything else drawn during training start from the seed however much
         # randomness building the model used (a caller who builds the model seeds before that: see recipes).
@@ -109,15 +154,18 @@ class Trainer:
         self.model.to(self.device)
         if getattr(self.model, "body", None) is not None:
             self.model.body.gradient_checkpointing = config.gradient_checkpointing
-        self._all_finite = torch.zeros(1, device=self.device)  # AdamW's found_inf when the norm is finite
-        self.optimizer = AdamW(parameter_groups(self.model, config.weight_decay), lr=config.lr,
+        self.schedule = DeviceSchedule(lr_lambda(config), config.max_steps, config.lr, self.device)
+        self.optimizer = AdamW(parameter_groups(self.model, config.weight_decay), lr=self.schedule.rate,
                                betas=(config.beta1, config.beta2), eps=config.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        self.loss_scale = 2.0**16 if config.precision == "fp16" else 1.0
-        self.good_steps = 0  # fp16: steps since the scale last changed
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.norm_tables: dict = {}  # the gradient norm's launch tables, kept between steps
+        self.scaler = DynamicLossScale(self.device) if config.precision == "fp16" else None
+        self.readings = StepReadings(self.device)
+        self.saved_step = None  # the step of the last checkpoint this run wrote
         self.forward_model = self.dist.wrap(self.model, self.device)
         if config.compile:
             self.forward_model = torch.compile(self.forward_model)
+        self.run_step = CapturedStep(self._device_step, self.device) if config.cuda_graphs else self._eager_step
         self.data = (ShardedBatches(self.train_data, self.dist.rank, self.dist.world_size) if self.dist.enabled
                      else self.train_data)
         # Asked of the caller's data, not of the wrapper: ShardedBatches hands its position to the data it wraps,
@@ -129,7 +177,8 @@ class Trainer:
         if self.config.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        # A captured graph must not hold autocast's cache of cast weights (PyTorch's rule for CUDA graphs).
+        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=not self.config.cuda_graphs)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
@@ -138,9 +187,8 @@ class Trainer:
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "loss_scale": self.loss_scale,
-            "good_steps": self.good_steps,
+            "scheduler": self.schedule.state_dict(),
+            **(self.scaler.state_dict() if self.scaler is not None else {"loss_scale": 1.0, "good_steps": 0}),
             "rng": rng_state(),
             "data": data_state,
             "batches_consumed": self.batches_consumed,
@@ -153,8 +201,13 @@ class Trainer:
         state = load_checkpoint(folder, self.model)
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.loss_scale, self.good_steps = state["step"], state["loss_scale"], state["good_steps"]
+        for group in self.optimizer.param_groups:  # the saved groups bring their own lr: read the schedule's again
+            group["lr"] = self.schedule.rate
+        self.schedule.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state)
+        self.step = self.saved_step = state["step"]
+        self.readings.step.fill_(self.step)
         self.batches_consumed = state["batches_consumed"]
         if self.data_has_position:
             self.data.load_state_dict(state["data"])
@@ -184,6 +237,7 @@ class Trainer:
             save_checkpoint(self.out, self.step, self.model, self._state(), metrics or {}, self.tokenizer,
                             keep_last=self.config.keep_last, best_metric=self.config.best_metric,
                             best_mode=self.config.best_mode)
+        self.saved_step = self.step
         self.dist.barrier()
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -209,6 +263,7 @@ class Trainer:
         resume: continue from the latest checkpoint in config.out. stop_after: stop once this many optimizer
         steps are done (a checkpoint is written there, no final/ folder), e.g. to split a run across jobs;
         the schedule still spans max_steps, so a resumed run reproduces the uninterrupted one exactly.
+        Raises NonFiniteLoss when the loss stays non-finite, TrainingInterrupted after Ctrl-C (module docstring).
         """
         config = self.config
         end = config.max_steps if stop_after is None else min(stop_after, config.max_steps)
@@ -222,38 +277,21 @@ class Trainer:
         if not self.data_has_position:  # a plain iterable: skip what this rank consumed before the checkpoint
             batches = itertools.islice(batches, self.batches_consumed, None)
         progress = _progress_bar(config, self.step, self.dist.is_main)
-        tokens_since, time_since = 0, time.perf_counter()
+        self.window_start = time.perf_counter()  # of the tokens counted for the next record's tokens_per_s
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < end:
-            self.model.train()
-            loss_sum, tokens = 0.0, 0
-            for micro in range(config.grad_accum):
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-                self.batches_consumed += 1
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                last = micro == config.grad_accum - 1
-                with self.dist.no_sync(self.forward_model, enabled=not last), self._autocast():
-                    loss = self.forward_model(**batch).loss / config.grad_accum
-                (loss * self.loss_scale).backward()
-                loss_sum += loss.item()
-            grad_norm, skipped = self._optimizer_step()
-            self.step += 1
-            tokens_since += tokens * self.dist.world_size
-            if self.step % config.log_every == 0 or self.step == config.max_steps:
-                elapsed = time.perf_counter() - time_since
-                record = self._record(self.dist.mean(loss_sum), grad_norm, tokens_since / elapsed, skipped)
-                tokens_since, time_since = 0, time.perf_counter()
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}")
-                self._log_line(record)
-            progress.update(1)
-            at_end = self.step == config.max_steps
-            metrics = {}
-            if self.eval_data is not None and ((config.eval_every and self.step % config.eval_every == 0) or at_end):
-                metrics = self.evaluate()
-            if (config.save_every and self.step % config.save_every == 0) or self.step == end:
-                self.save(metrics)
+        self.model.train()
+        # Under DDP every rank must stop at the same step: Ctrl-C there stops at once, as usual.
+        with deferred_interrupt(enabled=not self.dist.enabled) as interrupt:
+            while self.step < end:
+                micro_batches = [next(batches) for _ in range(config.grad_accum)]
+                self.batches_consumed += config.grad_accum
+                self.run_step(micro_batches)
+                self.step += 1
+                progress.update(1)
+                self._after_step(progress, end)
+                if interrupt.requested:
+                    raise self._interrupted()
         progress.close()
         if self.step == config.max_steps and self.dist.is_main:
             write_folder_atomically(self.out / "final",
@@ -261,44 +299,119 @@ class Trainer:
         self.dist.barrier()
         return self.history
 
-    def _optimizer_step(self) -> tuple[float, bool]:
-        """Clip, step (or skip an fp16 step whose gradients overflowed), schedule. Returns (grad norm, skipped)."""
-        from . import clip_grad_norm_
+    def _after_step(self, progress, end: int) -> None:
+        """Host work between steps: a record every log_every steps, evaluation, checkpoints. Reads the readings
+        only when a record or a checkpoint is due."""
+        config = self.config
+        logged = self.step % config.log_every == 0 or self.step == config.max_steps
+        if logged:
+            self._log_step(progress)
+        metrics = {}
+        if self.eval_data is not None and ((config.eval_every and self.step % config.eval_every == 0)
+                                           or self.step == config.max_steps):
+            metrics = self.evaluate()
+        if (config.save_every and self.step % config.save_every == 0) or self.step == end:
+            if not logged:
+                self._check_failures(*self._read(self.readings.longest, self.readings.longest_end))
+            self.save(metrics)
 
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        # The norm of the scaled gradients over the scale is the true norm; one fused reduction, no copy.
-        norm = float(clip_grad_norm_(params, float("inf"))) / self.loss_scale
-        skipped = not math.isfinite(norm)
-        if not skipped:
-            # Clipping and unscaling fold into one divisor that the fused AdamW applies as it reads the gradients.
-            clip = self.config.max_grad_norm
-            divisor = self.loss_scale * (max(1.0, (norm + 1e-6) / clip) if clip else 1.0)  # torch's clip rule
-            if divisor != 1.0:
-                # A finite norm means every gradient is finite: the flag says so, so AdamW skips its own check
-                # (a second pass over every gradient) that a grad_scale alone would start.
-                self.optimizer.step(grad_scale=divisor, found_inf=self._all_finite)
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        if self.config.precision == "fp16":
-            self._update_loss_scale(skipped)
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, skipped
+    def _eager_step(self, micro_batches: list[dict]) -> None:
+        self._device_step([{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro_batches])
 
-    def _update_loss_scale(self, overflowed: bool) -> None:
-        """Dynamic loss scaling: halve on overflow, double after 2000 clean steps (torch.amp.GradScaler's rule)."""
-        if overflowed:
-            self.loss_scale = max(self.loss_scale / 2, 1.0)
-            self.good_steps = 0
-        else:
-            self.good_steps += 1
-            if self.good_steps == 2000:
-                self.loss_scale *= 2
-                self.good_steps = 0
+    def _device_step(self, micro_batches: list[dict]) -> None:
+        """One optimizer step on batches already on the device, with no host read (what a CUDA graph captures):
+        forward and backward of each micro-batch, then `_optimizer_step`. Writes the readings."""
+        readings = self.readings
+        readings.loss.zero_()
+        for i, batch in enumerate(micro_batches):
+            mask = batch.get("attention_mask")
+            readings.tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+            last = i == len(micro_batches) - 1
+            with self.dist.no_sync(self.forward_model, enabled=not last), self._autocast():
+                loss = self.forward_model(**batch).loss / len(micro_batches)
+            (loss if self.scaler is None else loss * self.scaler.scale).backward()
+            readings.loss += loss.detach()
+        self._optimizer_step()
 
-    def _record(self, loss: float, grad_norm: float, tokens_per_s: float, skipped: bool) -> dict:
-        record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_s}
+    @torch.no_grad()
+    def _optimizer_step(self) -> None:
+        """Clip, step (or skip a step whose loss or gradients are not finite), schedule, loss scale; on the device.
+
+        The norm of the scaled gradients over the scale is the true norm; clipping and unscaling fold into one
+        divisor that AdamW applies as it reads the gradients, and AdamW's found_inf flag skips the step."""
+        readings, scaler, clip = self.readings, self.scaler, self.config.max_grad_norm
+        norm = clip_grad_norm_(self.params, math.inf, cache=self.norm_tables)  # one fused reduction, no copy
+        if scaler is not None:
+            norm = norm / scaler.scale
+        found_inf = (~(torch.isfinite(norm) & torch.isfinite(readings.loss))).float()
+        if self.dist.enabled:  # the losses differ between ranks: every rank must take the same decision
+            self.dist.all_reduce_(found_inf, "max")
+        divisor = clip_divisor(norm, clip) if clip else None
+        if scaler is not None:
+            divisor = scaler.scale if divisor is None else divisor * scaler.scale
+        # found_inf given: AdamW needs no non-finite pass of its own over the gradients
+        self.optimizer.step(grad_scale=divisor, found_inf=found_inf)
+        self.schedule.step(taken=1 - found_inf)
+        failed = found_inf if scaler is None else found_inf * scaler.at_floor()  # fp16: overflows above the floor
+        if scaler is not None:                                                   # only lower the scale
+            scaler.update(found_inf)
+        readings.step.add_(1)
+        readings.streak.add_(1).mul_(failed)
+        torch.where(readings.streak >= readings.longest, readings.step, readings.longest_end, out=readings.longest_end)
+        torch.maximum(readings.longest, readings.streak, out=readings.longest)
+        readings.grad_norm.copy_(norm)
+        readings.skipped.copy_(found_inf)
+        # Captured steps keep their gradients where the graph wrote them (zeroed in place, not freed).
+        self.optimizer.zero_grad(set_to_none=not self.config.cuda_graphs)
+
+    def _read(self, *values: torch.Tensor) -> list[float]:
+        """The values (0-dim device tensors) as Python floats: one host read for all."""
+        return torch.stack([v.double() for v in values]).tolist()
+
+    def _log_step(self, progress) -> None:
+        readings = self.readings
+        loss, tokens = readings.loss, readings.tokens
+        if self.dist.enabled:  # the mean loss and the tokens of every rank
+            shared = torch.stack([loss.double(), tokens.double()])
+            self.dist.all_reduce_(shared, "sum")
+            loss, tokens = shared[0] / self.dist.world_size, shared[1]
+        loss, grad_norm, skipped, tokens, lr, longest, longest_end = self._read(
+            loss, readings.grad_norm, readings.skipped, tokens, self.schedule.rate[0], readings.longest,
+            readings.longest_end)
+        readings.tokens.zero_()
+        now = time.perf_counter()
+        record = self._record(loss, grad_norm, lr, tokens / (now - self.window_start), bool(skipped))
+        self.window_start = now
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self._log_line(record)
+        self._check_failures(longest, longest_end)
+
+    def _check_failures(self, longest: float, longest_end: float) -> None:
+        """Stop the run (NonFiniteLoss) if `stop_after_nonfinite` steps in a row failed since the last check."""
+        limit = self.config.stop_after_nonfinite
+        if limit and longest >= limit:
+            first, last = int(longest_end - longest) + 1, int(longest_end)
+            latest = latest_checkpoint(self.out)
+            kept = f"the last checkpoint is {latest}" if latest is not None else "no checkpoint was written"
+            fp16 = ", at the smallest fp16 loss scale" if self.scaler is not None else ""
+            reason = (f"the loss or its gradients were NaN or inf at {last - first + 1} steps in a row ({first} to "
+                      f"{last}{fp16}); those steps were skipped and changed no weight")
+            self._log_line({"step": self.step, "event": "stopped", "reason": reason})
+            raise NonFiniteLoss(f"training stopped at step {self.step}: {reason}; {kept}")
+        # The streak in progress carries over into the next window.
+        self.readings.longest.copy_(self.readings.streak)
+        self.readings.longest_end.copy_(self.readings.step)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """After Ctrl-C, between steps: checkpoint the step just done (unless it is saved) and say where."""
+        if self.saved_step != self.step:
+            self._check_failures(*self._read(self.readings.longest, self.readings.longest_end))
+            self.save()
+        self._log_line({"step": self.step, "event": "interrupted"})
+        return TrainingInterrupted(self.step, latest_checkpoint(self.out))
+
+    def _record(self, loss: float, grad_norm: float, lr: float, tokens_per_s: float, skipped: bool) -> dict:
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
         if skipped:
             record["skipped"] = True
         if self.device.type == "cuda":
@@ -334,7 +447,7 @@ class Trainer:
 
 def _finite_or_null(value):
     """inf / NaN as None: JSON has no such numbers (json.dumps would write the non-standard `Infinity`), and a
-    skipped fp16 step's gradient norm is one."""
+    skipped step's gradient norm is one."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -358,12 +471,15 @@ def _to_device(batches, device):
 
 
 def evaluate_loss(model: nn.Module, batches: Iterable[dict]) -> dict:
-    """Token-weighted mean loss over the eval batches, and its perplexity."""
-    total, weight = 0.0, 0
+    """Token-weighted mean loss over the eval batches, and its perplexity. The sums stay on the device and are
+    read once, at the end."""
+    sums = None  # [loss x tokens, tokens], float64
     for batch in batches:
-        n = int((batch["labels"] != -100).sum()) if "labels" in batch else 1
-        total += float(model(**batch).loss) * n
-        weight += n
+        loss = model(**batch).loss
+        n = (batch["labels"] != -100).sum() if "labels" in batch else torch.ones((), device=loss.device)
+        term = torch.stack([loss.double() * n, n.double()])
+        sums = term if sums is None else sums + term
+    total, weight = sums.tolist() if sums is not None else (0.0, 0.0)
     loss = total / max(weight, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 

@@ -48,15 +48,21 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(hf_tiny, tmp_path, to
     assert any(not torch.equal(weights[1][n], weights[2][n]) for n in weights[0])  # the next one trains
     lrs = [r["lr"] for r in history if "loss" in r]
     assert lrs[0] == lrs[1] < lrs[2]  # warmup: the schedule did not move on the skipped step
-    assert trainer.loss_scale == 2.0**15 and trainer.good_steps == 1  # halved, then one clean step
+    scaler = trainer.scaler
+    assert scaler.scale.item() == 2.0**15 and scaler.good_steps.item() == 1  # halved, then one clean step
     steps = {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert steps == {2.0}  # AdamW's own step count skipped it too
     assert [r["grad_norm"] is None for r in strict_records(tmp_path / "run")] == [False, True, False]
 
-    trainer.good_steps = 0
-    for _ in range(2000):  # GradScaler's growth rule: after 2000 clean steps the scale doubles
-        trainer._update_loss_scale(False)
-    assert trainer.loss_scale == 2.0**16 and trainer.good_steps == 0
+    scaler.good_steps.zero_()
+    clean = torch.zeros(())
+    for i in range(2000):  # GradScaler's growth rule: after 2000 clean steps the scale doubles
+        assert scaler.scale.item() == 2.0**15, i
+        scaler.update(clean)
+    assert scaler.scale.item() == 2.0**16 and scaler.good_steps.item() == 0
+    for _ in range(20):  # overflows halve it down to 1, never below
+        scaler.update(torch.ones(()))
+    assert scaler.scale.item() == 1.0 and scaler.at_floor().item() == 1.0
 
 
 def test_bf16_autocast_trains_close_to_fp32(hf_tiny, tmp_path, torch_optimizer_paths):
