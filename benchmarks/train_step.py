@@ -16,6 +16,9 @@ so it counts weights, gradients, optimizer state and activations; on CUDA also M
 6N + 12LHS FLOPs per token over the GPU's bf16 peak; for LoRA the frozen weights need no weight gradients,
 so the same convention overstates the work: compare the two columns, not against 100%).
 
+--cuda-graphs runs ours with TrainConfig(cuda_graphs=True): each step replayed from one CUDA graph (after the
+Trainer's eager warm-up steps and the capture, done before timing).
+
 Sizes: on a GPU the real shapes above (GPT-2 at 8 x 1024 tokens, BERT at 32 x 128). On a CPU, and with
 --quick anywhere, the models shrink (2 layers, d=256, 8192 tokens) so the whole run takes about a minute on a
 2-core CPU. --full runs the real widths on a CPU too; --batch / --seq override every case's batch shape (BERT
@@ -28,7 +31,8 @@ GB at 2 x 1024 (ours 4.0 GB), so 8 x 1024 needs some 36 GB and was killed for me
 runs in about 12 minutes (a step: 27 s ours, 44 s transformers). `--steps 3 --warmup 1` shortens any run.
 
     PYTHONPATH=. python benchmarks/train_step.py [--quick | --full] [--case gpt2|bert] [--batch B] [--seq S]
-                                                 [--device cpu|cuda] [--steps 7] [--warmup 2] [--out DIR]
+                                                 [--device cpu|cuda] [--steps 7] [--warmup 2] [--cuda-graphs]
+                                                 [--out DIR]
 """
 
 from __future__ import annotations
@@ -104,8 +108,9 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
-def ours_step(case: dict, folder: str, device: str, precision: str, workdir: str):
-    """(model, step function): the Trainer's step on our model, our AdamW and our clipping."""
+def ours_step(case: dict, folder: str, device: str, precision: str, workdir: str, cuda_graphs: bool = False):
+    """(model, step function): the Trainer's step on our model, our AdamW and our clipping (replayed from a CUDA
+    graph with cuda_graphs: the warm-up steps and the capture happen here)."""
     from scratchformer.engine.lora import apply_lora
     from scratchformer.engine.models import CausalLM, SequenceClassifier
     from scratchformer.train import TrainConfig, Trainer
@@ -116,17 +121,17 @@ def ours_step(case: dict, folder: str, device: str, precision: str, workdir: str
         apply_lora(model, r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["targets"],
                    modules_to_save=["classifier"])
     config = TrainConfig(out=workdir, max_steps=10**6, batch_size=case["batch"], lr=1e-4, precision=precision,
-                         device=device, progress=False)
+                         device=device, progress=False, cuda_graphs=cuda_graphs)
     batch = make_batch(case, device)
     trainer = Trainer(model, config, train_data=[batch])
     trainer._setup()
 
     def step():
-        with trainer._autocast():
-            loss = trainer.forward_model(**batch).loss
-        loss.backward()
-        trainer._optimizer_step()
+        trainer.run_step([batch])
 
+    if cuda_graphs:
+        for _ in range(trainer.run_step.warmup_steps + 1):
+            step()
     return model, step
 
 
@@ -195,7 +200,7 @@ def _peak_rss() -> int:
 
 def _provider_step(spec: dict, case: dict, folder: str, work: str):
     if spec["provider"] == "ours":
-        return ours_step(case, folder, spec["device"], spec["precision"], work)[1]
+        return ours_step(case, folder, spec["device"], spec["precision"], work, spec.get("cuda_graphs", False))[1]
     return hf_step(case, folder, spec["device"], spec["precision"])[1]
 
 
@@ -243,13 +248,13 @@ def peak_memory(spec: dict) -> float | None:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"] / 2**20
 
 
-def bench(case: dict, device: str, precision: str, steps: int, warmup: int) -> dict:
+def bench(case: dict, device: str, precision: str, steps: int, warmup: int, cuda_graphs: bool = False) -> dict:
     from scratchformer.train.trainer import model_flops_utilisation
 
     tokens = case["batch"] * case["seq"]
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as work:
         write_checkpoint(case, folder)
-        ours, step_ours = ours_step(case, folder, device, precision, work)
+        ours, step_ours = ours_step(case, folder, device, precision, work, cuda_graphs)
         _, step_hf = hf_step(case, folder, device, precision)
         for _ in range(warmup):
             step_ours()
@@ -265,7 +270,8 @@ def bench(case: dict, device: str, precision: str, steps: int, warmup: int) -> d
         del step_ours, step_hf
         if device == "cuda":
             torch.cuda.empty_cache()
-        mem = {p: peak_memory(dict(case=case, folder=folder, device=device, precision=precision, provider=p))
+        mem = {p: peak_memory(dict(case=case, folder=folder, device=device, precision=precision, provider=p,
+                                   cuda_graphs=cuda_graphs))
                for p in ("ours", "hf")}
     row = {"case": case, "tokens": tokens}
     for p in ("ours", "hf"):
@@ -316,6 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                         help="default: bf16 autocast on CUDA, fp32 on a CPU")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="ours with TrainConfig(cuda_graphs=True): each step replayed from a CUDA graph")
     parser.add_argument("--out", default=str(HERE.parent / "results"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,6 +331,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs: CUDA graphs need --device cuda")
     for name in ("batch", "seq", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -346,6 +356,8 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], str]:
     if getattr(args, "case", "all") != "all":
         tag += f"_{args.case}"
     tag += "".join(f"_{k[0]}{v}" for k, v in overrides.items())  # e.g. _b2_s256
+    if getattr(args, "cuda_graphs", False):
+        tag += "_graphs"
     return chosen, tag
 
 
@@ -360,7 +372,7 @@ def main(argv=None):
     for case in chosen:
         print(f"{case['name']}: {case['layers']} layers, d={case['hidden']}, batch {case['batch']} x {case['seq']}",
               flush=True)
-        rows.append(bench(case, args.device, precision, steps, args.warmup))
+        rows.append(bench(case, args.device, precision, steps, args.warmup, args.cuda_graphs))
 
     import peft
     import transformers
@@ -372,7 +384,8 @@ def main(argv=None):
               f"Device: {name}. Date: {datetime.date.today()}. torch {torch.__version__}, triton {triton.__version__}, "
               f"transformers {transformers.__version__}, peft {peft.__version__}. Precision: {precision}"
               f"{' autocast' if precision != 'fp32' else ''}; medians of {steps} alternating timed steps after "
-              f"{args.warmup} warm-up steps. Ours: the Trainer's step (our model, fused AdamW, clipping); HF: the "
+              f"{args.warmup} warm-up steps. Ours: the Trainer's step (our model, fused AdamW, clipping"
+              f"{'; replayed from a CUDA graph' if args.cuda_graphs else ''}); HF: the "
               f"model (+ peft LoRA) with torch.optim.AdamW (default options), torch clip_grad_norm_. Peak memory: "
               f"{'max_memory_allocated' if args.device == 'cuda' else 'peak RSS minus RSS before loading'} in a "
               f"process holding one model, after one step of a tiny model of the same kind (so lazily imported "

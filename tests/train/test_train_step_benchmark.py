@@ -38,7 +38,7 @@ def test_cpu_default_is_small_and_full_is_the_real_widths(bench):
 
 
 @pytest.mark.parametrize("argv", [["--quick", "--full"], ["--batch", "0"], ["--seq", "513"], ["--warmup", "-1"],
-                                  ["--case", "t5"]])
+                                  ["--case", "t5"], ["--cuda-graphs"]])  # (the device is the CPU here)
 def test_bad_arguments(bench, argv):
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(["--device", "cpu", *argv])
