@@ -35,7 +35,7 @@ import triton
 
 from scratchformer.kernels import flash_attention_kernels as kern
 from scratchformer.kernels.autocast import register_autocast_rule
-from scratchformer.kernels.dropout_seed import draw_dropout_seed
+from scratchformer.kernels.dropout_seed import draw_dropout_seed, seed_pointer
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
@@ -100,11 +100,6 @@ def _block_grid(num_rows: int, batch_heads: int, block: str):
     return grid
 
 
-def _seed_arg(dropout_seed: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    """The seed tensor the kernels `tl.load` when dropout is on; a placeholder pointer (never read) when off."""
-    return dropout_seed if dropout_seed is not None else q
-
-
 def _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed):
     """Launches the forward: (out `[batch, heads, seq_q, head_dim]` in q's dtype, lse `[batch, heads, seq_q]`
     fp32). `seed` is the int64 `[1]` dropout seed tensor, or None without dropout."""
@@ -120,7 +115,7 @@ def _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed):
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         stride_mb, stride_mn,
         heads, seq_q, seq_k, head_dim,
-        softmax_scale * math.log2(math.e), dropout_p, _seed_arg(seed, q), 0,
+        softmax_scale * math.log2(math.e), dropout_p, seed_pointer(seed, q), 0,
         triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k),
         CAUSAL=causal, HAS_MASK=attention_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         BLOCK_D=_block_d(head_dim), UPCAST=kern.INTERPRET, DOT_PRECISION=_dot_precision(q.dtype),
@@ -149,7 +144,7 @@ def _bwd(do, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p
     )
     scalars = (
         heads, seq_q, seq_k, head_dim,
-        softmax_scale * math.log2(math.e), softmax_scale, dropout_p, _seed_arg(seed, q), 0,
+        softmax_scale * math.log2(math.e), softmax_scale, dropout_p, seed_pointer(seed, q), 0,
         triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k),
     )
     kern._flash_attn_bwd_kv_kernel[_block_grid(seq_k, batch * heads, "BLOCK_N")](

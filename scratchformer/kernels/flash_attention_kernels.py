@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from scratchformer.kernels.dropout_seed import load_dropout_seed
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -155,17 +157,6 @@ def _dropout_keep(seed, offset, pid_bh, seq_q, seq_k, rows, cols, dropout_p):
     element's flat index in `[B, H, Sq, Sk]` plus `offset`, in int64 (it exceeds 2**31 at long sequences)."""
     counter = offset + (pid_bh.to(tl.int64) * seq_q + rows.to(tl.int64)) * seq_k + cols.to(tl.int64)
     return tl.rand(seed, counter) >= dropout_p
-
-
-@triton.jit
-def _load_seed(DropoutSeed, HAS_DROPOUT: tl.constexpr):
-    """The dropout seed, read from the int64 `[1]` device tensor `DropoutSeed` (see dropout_seed.py: a seed
-    in memory, not a launch argument, so a captured CUDA graph draws a fresh mask on every replay). Without
-    dropout nothing is read: the pointer is then a placeholder."""
-    if HAS_DROPOUT:
-        return tl.load(DropoutSeed)
-    else:
-        return 0
 
 
 @triton.jit
@@ -293,7 +284,7 @@ def _flash_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
-    dropout_seed = _load_seed(DropoutSeed, HAS_DROPOUT)
+    dropout_seed = load_dropout_seed(DropoutSeed, HAS_DROPOUT)
 
     q_ptrs = _head_ptr(Q, b, h, stride_qb, stride_qh) + _tile_offsets(offs_m, offs_d, stride_qm, stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -452,7 +443,7 @@ def _flash_attn_bwd_kv_kernel(
     pid_n, pid_bh = _block_and_head(seq_k, BLOCK_N)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    dropout_seed = _load_seed(DropoutSeed, HAS_DROPOUT)
+    dropout_seed = load_dropout_seed(DropoutSeed, HAS_DROPOUT)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -582,7 +573,7 @@ def _flash_attn_bwd_q_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     md_ok = m_ok[:, None] & (offs_d[None, :] < head_dim)
-    dropout_seed = _load_seed(DropoutSeed, HAS_DROPOUT)
+    dropout_seed = load_dropout_seed(DropoutSeed, HAS_DROPOUT)
 
     q_ptrs = _head_ptr(Q, b, h, stride_qb, stride_qh) + _tile_offsets(offs_m, offs_d, stride_qm, stride_qd)
     do_ptrs = _head_ptr(dOut, b, h, stride_dob, stride_doh) + _tile_offsets(offs_m, offs_d, stride_dom, stride_dod)
