@@ -31,6 +31,7 @@ the element index (see lora_kernels.py), so the dropout costs no memory. `lora_d
 the kernels draw for a given seed.
 """
 
+import math
 import os
 
 import torch
@@ -302,7 +303,7 @@ def lora_linear(
         seed = draw_dropout_seed(x.device)
     else:
         _check_seed(seed, x)
-    y, _ = lora_linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling), dropout_p,
+    y, _ = lora_linear_forward(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling), dropout_p,
                                seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
