@@ -303,8 +303,8 @@ def lora_linear(
         seed = draw_dropout_seed(x.device)
     else:
         _check_seed(seed, x)
-    y, _ = lora_linear_forward(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling), dropout_p,
-                               seed)
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1 is ambiguous when in = 0)
+    y, _ = lora_linear_forward(x2d, weight, bias, lora_a, lora_b, float(scaling), dropout_p, seed)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

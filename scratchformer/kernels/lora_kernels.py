@@ -242,8 +242,9 @@ def _lora_weight_grad_kernel(
 ):
     """ws[split] = lo[rows of split]ᵀ @ drop(x)[rows of split]: a split-M reduction over the tokens.
 
-    The output [R, K] is tiny and the reduction axis (tokens) is long, so the grid is (K blocks, splits);
-    (and rank blocks when R > BLOCK_R); each program sums its own slice of rows and the wrapper adds the fp32 partials (deterministic, no atomics).
+    The output [R, K] is tiny and the reduction axis (tokens) is long, so the grid is (K blocks, splits)
+    (and rank blocks when R > BLOCK_R); each program sums its own slice of rows and the wrapper adds the fp32
+    partials (deterministic, no atomics).
     """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
