@@ -32,15 +32,14 @@ def _use_triton(device: torch.device, backend: str) -> bool:
 
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    *, backend: str = "auto", cache: dict | None = None) -> torch.Tensor:
+                    *, backend: str = "auto") -> torch.Tensor:
     """Clip the gradients of `parameters` in place to a global norm of at most `max_norm`.
 
     parameters: a tensor or an iterable of tensors whose `.grad` is used (None grads are skipped).
     norm_type: 2.0 or inf use the fused kernel; other p fall back to torch. Returns the total norm as a
     float32 0-dim tensor on the gradients' device (torch returns it in the gradients' dtype).
     max_norm=inf measures the norm and leaves the gradients alone (torch multiplies them by 1, or by NaN when
-    the norm is not finite). cache: a dict the caller keeps between calls; the fused kernel's launch tables
-    are then reused while the gradients stay where they are (no upload per call: what a CUDA graph needs).
+    the norm is not finite).
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -52,11 +51,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
     norms = []
-    for (device, dtype), gs in groups.items():
+    for (device, _), gs in groups.items():
         if _use_triton(device, backend) and norm_type in (2.0, math.inf):
-            tables = None if cache is None else cache.setdefault((device, dtype), {})
-            norms.append(multi_tensor_norm([g if g.is_contiguous() else g.contiguous() for g in gs], norm_type,
-                                           cache=tables))
+            norms.append(multi_tensor_norm([g if g.is_contiguous() else g.contiguous() for g in gs], norm_type))
         else:
             norms.extend(n.float() for n in torch._foreach_norm(gs, norm_type))
     first_device = grads[0].device

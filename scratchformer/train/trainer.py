@@ -98,16 +98,17 @@ class StepReadings:
     said): read on the host only when a record is written or a checkpoint is due.
 
     loss: the last step's loss (its micro-batches' losses, each divided by grad_accum, summed). grad_norm: its
-    gradient norm, unscaled (inf or NaN when not finite). skipped: 1 if the last step was skipped. tokens:
-    int64, tokens (attention-mask ones) since the last record. step: the steps done. streak: failed steps in
-    a row up to the last one (non-finite; fp16: at the smallest loss scale). longest: the longest streak
-    since the last check; longest_end: the step it ended at.
+    gradient norm, unscaled (inf or NaN when not finite). skipped: 1 if the last step was skipped. streak:
+    failed steps in a row up to the last one (non-finite; fp16: at the smallest loss scale). longest: the
+    longest streak since the last check. int64: tokens (attention-mask ones) since the last record, step
+    (the steps done), longest_end (the step the longest streak ended at).
     """
 
     def __init__(self, device: torch.device):
-        self.loss, self.grad_norm, self.skipped, self.step, self.streak, self.longest, self.longest_end = (
-            torch.zeros((), device=device) for _ in range(7))
-        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss, self.grad_norm, self.skipped, self.streak, self.longest = (
+            torch.zeros((), device=device) for _ in range(5))
+        self.tokens, self.step, self.longest_end = (torch.zeros((), dtype=torch.int64, device=device)
+                                                    for _ in range(3))
 
 
 class Trainer:
@@ -158,7 +159,6 @@ class Trainer:
         self.optimizer = AdamW(parameter_groups(self.model, config.weight_decay), lr=self.schedule.rate,
                                betas=(config.beta1, config.beta2), eps=config.eps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.norm_tables: dict = {}  # the gradient norm's launch tables, kept between steps
         self.scaler = DynamicLossScale(self.device) if config.precision == "fp16" else None
         self.readings = StepReadings(self.device)
         self.saved_step = None  # the step of the last checkpoint this run wrote
@@ -290,7 +290,7 @@ class Trainer:
                 self.step += 1
                 progress.update(1)
                 self._after_step(progress, end)
-                if interrupt.requested:
+                if interrupt.requested and self.step < end:  # at the end, the run finishes as usual
                     raise self._interrupted()
         progress.close()
         if self.step == config.max_steps and self.dist.is_main:
@@ -340,7 +340,7 @@ class Trainer:
         The norm of the scaled gradients over the scale is the true norm; clipping and unscaling fold into one
         divisor that AdamW applies as it reads the gradients, and AdamW's found_inf flag skips the step."""
         readings, scaler, clip = self.readings, self.scaler, self.config.max_grad_norm
-        norm = clip_grad_norm_(self.params, math.inf, cache=self.norm_tables)  # one fused reduction, no copy
+        norm = clip_grad_norm_(self.params, math.inf)  # one fused reduction, no copy
         if scaler is not None:
             norm = norm / scaler.scale
         found_inf = (~(torch.isfinite(norm) & torch.isfinite(readings.loss))).float()

@@ -39,9 +39,6 @@ TRITON_DIR = os.sep + "triton" + os.sep
 # the test fails until the table is emptied: nothing may stay excused after its fix.
 PENDING = {
     "encoder.py:89": "the encoder's bool(attention_mask.all()) (families)",
-    "cross_entropy.py:201": "the cross-entropy's label-range check bool(bad.any()) (ops)",
-    "flash_attention.py:218": "flash attention's dropout seed drawn with .item() (ops: device-side seeds)",
-    "lora.py:225": "lora_linear's dropout seed drawn with .item() (ops: device-side seeds)",
 }
 
 
