@@ -158,3 +158,26 @@ def test_bad_inputs_name_the_argument(device):
         grads = [torch.randn(s, device=device) for s in SHAPES]
         grads[1] = grads[1][::2]
         fused_adamw_(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], None, None, st["state_steps"], **kw)
+
+
+def test_lr_on_the_device_compiles_once(device):
+    """Under torch.compile a tensor lr is an input of the graph: a new rate reuses the graph (a float lr would be
+    a constant in it, and a schedule would recompile it at every step), and the steps equal eager ones."""
+    def step(st, grads, lr):
+        fused_adamw_(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], None, None, st["state_steps"], lr=lr,
+                     beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, block=256, num_warps=4)
+
+    ours = _state(device, torch.float32, False, False)
+    ref = _clone(ours)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    lr = torch.empty(1, device=device)
+    for rate in (3e-2, 1e-3, 7e-3):
+        grads = [torch.randn(s, device=device) for s in SHAPES]
+        lr.fill_(rate)
+        compiled(ours, grads, lr)
+        step(ref, grads, lr)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "state_steps"):
+        assert all(torch.equal(a, b) for a, b in zip(ours[key], ref[key])), key
