@@ -3,6 +3,7 @@ scale halved), bf16 autocast, gradient checkpointing (the same losses and gradie
 (the last K plus the best, min and max), the evaluation cadence, and which parameters get weight decay."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,21 @@ def test_a_clipped_step_reads_the_gradients_once_for_the_norm(hf_tiny, tmp_path,
     norms = [r["grad_norm"] for r in records if "loss" in r]
     assert len(norms) == 3 and all(n > 0.01 for n in norms)  # every step was clipped (divisor != 1)
     assert calls == []
+
+
+def test_evaluate_loss_weights_each_batch_by_its_labelled_tokens(hf_tiny):
+    """The default eval: the mean over every labelled token of all batches (not the mean of the batch means),
+    summed on the device and read once; perplexity is its exp."""
+    from scratchformer.train.trainer import evaluate_loss
+
+    folder, _ = hf_tiny("bert_mlm", no_dropout=True)
+    model = MaskedLM.from_pretrained(folder, **NO_DROPOUT).eval()
+    batches = lm_batches(3, 101, mlm=True, seed=7)
+    batches[1]["labels"][:, 4:] = -100  # far fewer labelled tokens than the others
+    with torch.no_grad():
+        total = sum(torch.nn.functional.cross_entropy(model(**b).logits.flatten(0, 1), b["labels"].flatten(),
+                                                      ignore_index=-100, reduction="sum") for b in batches)
+        count = sum(int((b["labels"] != -100).sum()) for b in batches)
+        metrics = evaluate_loss(model, batches)
+    assert metrics["loss"] == pytest.approx(total.item() / count, rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-12)
