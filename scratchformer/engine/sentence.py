@@ -53,9 +53,9 @@ class SentenceEncoder:
         self.encoder, self.tokenizer, self.pooling, self.max_length = encoder, tokenizer, pooling, max_length
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, attention="auto") -> SentenceEncoder:
+    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None, attention=None) -> SentenceEncoder:
         folder = Path(path)
-        encoder = Encoder.from_pretrained(folder, dtype=dtype, device=device, attention=attention)
+        encoder = Encoder.from_pretrained(folder, dtype=dtype, device=device, backend=backend, attention=attention)
         tokenizer = Tokenizer.from_pretrained(folder)
         max_length = None
         st_config = folder / "sentence_bert_config.json"
