@@ -246,21 +246,18 @@ def _remove_lora(model) -> None:
 def _modules_to_save(model, names) -> dict[str, str]:
     """Our module path -> HF path of the head modules PEFT's `modules_to_save` names select.
 
-    A name selects the module whose HF path equals it or ends in `.name`, as in PEFT; that module may be a
-    container of mapped layers (RoBERTa's `classifier` holds `dense` and `out_proj`). A name this head does not
-    have is skipped (PEFT lists both `classifier` and `score` for any sequence classifier).
+    PEFT's rule: a module is selected when its HF path ends with the name, as a plain string (so `classifier`
+    also selects DistilBERT's `pre_classifier`). The module may be a container of mapped layers (RoBERTa's
+    `classifier` holds `dense` and `out_proj`); the outermost match is the one trained in full. A name this
+    head does not have is skipped (PEFT lists both `classifier` and `score` for any sequence classifier).
     """
     out = {}
     for ours, theirs in hf_head_paths(model).items():
         parts = theirs.split(".")
-        for name in names:
-            wanted = name.split(".")
-            for end in range(len(wanted), len(parts) + 1):
-                if parts[end - len(wanted):end] != wanted:
-                    continue
-                inside = "".join("." + part for part in parts[end:])  # the layer's path below the selected module
-                if ours.endswith(inside):  # the same path on both sides, less the part inside
-                    out[ours[:len(ours) - len(inside)]] = theirs[:len(theirs) - len(inside)]
+        for end in range(1, len(parts) + 1):  # the module itself and each module it sits in, outermost first
+            inside = "".join("." + part for part in parts[end:])  # the layer's path below that module
+            if any(".".join(parts[:end]).endswith(name) for name in names) and ours.endswith(inside):
+                out[ours[:len(ours) - len(inside)]] = theirs[:len(theirs) - len(inside)]
                 break
     return out
 

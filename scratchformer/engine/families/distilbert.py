@@ -74,5 +74,5 @@ FAMILY = Family(
                        SequenceClassifier="DistilBertForSequenceClassification",
                        TokenClassifier="DistilBertForTokenClassification"),
     default_model="Encoder",
-    lora_targets=("q_lin", "v_lin"),
+    lora_targets=("q_lin", "v_lin"),  # PEFT 0.21 has no default for distilbert; these are the usual choice
 )

@@ -17,10 +17,10 @@ defaults = dict(bert.defaults, type_vocab_size=1, position_scheme="after_padding
 
 
 def read(f: HFFields) -> dict:
+    if "pad_token_id" in f.d and f.d["pad_token_id"] is None:
+        raise f.error("pad_token_id", "RoBERTa numbers positions after the pad token: it must be set")
     fields = bert.read(f)
     fields.update(pad_token_id=f.token_id("pad_token_id", 1), type_vocab_size=f.int("type_vocab_size", 1))
-    if fields["pad_token_id"] is None:
-        raise f.error("pad_token_id", "RoBERTa numbers positions after the pad token: it must be set")
     if fields["max_positions"] <= fields["pad_token_id"] + 1:
         raise f.error("max_position_embeddings", f"{fields['max_positions']} leaves no position after the pad "
                       f"token (positions start at pad_token_id + 1 = {fields['pad_token_id'] + 1})")
