@@ -14,7 +14,18 @@ flat buffers that every parameter and state views into, because the table works 
 flat buffers must own the parameters' storage (rebinding `p.data`, which breaks tied weights, user code
 that replaces parameters and checkpoint loading), and gradients would not stay flat after
 `zero_grad(set_to_none=True)` hands autograd fresh tensors. The table costs a few bytes per tensor and is
-cached: it is rebuilt (one pinned, asynchronous host-to-device copy) only when an address changes.
+cached, keyed by every address and element count it holds: it is rebuilt (one pinned, asynchronous
+host-to-device copy) only when one of them changes.
+
+PyTorch ops
+-----------
+The three launches are custom ops (see docs/kernels.md, "Kernels as PyTorch ops"):
+`scratchformer::fused_adamw_` (mutates the parameters, moments, master copies and step counters),
+`scratchformer::multi_tensor_norm` and `scratchformer::nonfinite_check_` (mutates the flag), each with a
+fake implementation for tracing. They have no autograd formula (nothing here is differentiated) and no
+autocast rule: they read the tensors as stored, and casting them would copy them (a mutating op would then
+update the copy). The launch tables live in a cache owned by this module, since an op takes only tensors
+and numbers.
 
 Bias corrections on the device
 ------------------------------
@@ -38,6 +49,7 @@ ops because the Triton interpreter truncates fp32 -> bf16 conversions).
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -250,27 +262,33 @@ def _reduce_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Launch tables
 # ----------------------------------------------------------------------------------------------------------
-def _launch_table(rows: list[list[torch.Tensor | None]], block: int, cache: dict | None, key_rows: int = 2,
-                  validate=None):
+# Launch tables by (device, block, every address, the element counts): a steady training loop finds its tables
+# here at every step. A handful of entries covers an optimizer's buckets and the gradient reductions; the
+# least recently used goes first.
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TABLES_KEPT = 64
+
+
+def _launch_table(rows: list[list[torch.Tensor | None]], block: int, validate=None):
     """Device tables for one multi-tensor launch: (addresses [len(rows), T], numels [T], block map x2, blocks,
     aligned), where `aligned` says every address is a multiple of 16 bytes (the kernels' ALIGNED).
 
     rows: lists of T tensors each (None entries become address 0: rows a kernel variant never reads).
     The first row defines the element counts. Everything is packed into one int64 tensor and copied with a
-    single pinned, asynchronous copy. `cache` (a dict owned by the caller) keeps the result while the
-    addresses of the first `key_rows` rows (parameters and gradients: the only ones that change in a normal
-    loop) stay the same, so a steady training loop uploads nothing and checks nothing; the caller must use
-    a fresh dict when it replaces any other tensor (the optimizer does, on load_state_dict). `validate` is
-    called on a cache miss only, to keep per-step host work small.
+    single pinned, asynchronous copy, then cached under every address of the table and the element counts,
+    so that a steady loop uploads nothing. `validate` is called on a cache miss only, to keep per-step
+    host work small (the cache key does not see a tensor of another dtype or size at a known address).
     """
-    key = (tuple(x.data_ptr() for row in rows[:key_rows] for x in row), block)
-    if cache is not None and cache.get("key") == key:
-        return cache["tables"]
-    if validate is not None:
-        validate()
     device = rows[0][0].device
     ptrs = [0 if x is None else x.data_ptr() for row in rows for x in row]
     numels = [x.numel() for x in rows[0]]
+    key = (device, block, tuple(ptrs), tuple(numels))
+    tables = _TABLES.get(key)
+    if tables is not None:
+        _TABLES.move_to_end(key)
+        return tables
+    if validate is not None:
+        validate()
     num_tensors = len(numels)
     numel_t = torch.tensor(numels, dtype=torch.int64)
     blocks_per_tensor = (numel_t + block - 1) // block
@@ -291,9 +309,9 @@ def _launch_table(rows: list[list[torch.Tensor | None]], block: int, cache: dict
         n_blocks,
         all(p % 16 == 0 for p in ptrs),  # torch's allocations are; views at odd offsets may not be
     )
-    if cache is not None:
-        cache["key"] = key
-        cache["tables"] = tables
+    _TABLES[key] = tables
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
     return tables
 
 
@@ -311,47 +329,21 @@ def _check_list(name: str, tensors, like: list[torch.Tensor], dtype=None) -> Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launch helpers
+# The custom ops
 # ----------------------------------------------------------------------------------------------------------
-def fused_adamw_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor] | None,
-    master_params: list[torch.Tensor] | None,
-    state_steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    block: int = DEFAULT_BLOCK,
-    num_warps: int = DEFAULT_NUM_WARPS,
-    cache: dict | None = None,
+@torch.library.custom_op(
+    "scratchformer::fused_adamw_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params", "state_steps"),
+)
+def _fused_adamw_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], master_params: list[torch.Tensor],
+    state_steps: list[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    amsgrad: bool, maximize: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, block: int,
+    num_warps: int,
 ) -> None:
-    """One AdamW step over a list of tensors in a single Triton launch (plus the step-counter updates).
-
-    params: T tensors of one dtype (fp32, bf16 or fp16), contiguous, all on one device.
-    grads: T tensors of one dtype, same element counts. exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when
-    amsgrad): T tensors of one dtype (fp32 with master weights). master_params: None, or T fp32 tensors that
-    hold the real weights (params then receive their rounded values). state_steps: T float32 0-dim tensors
-    on the device; each is incremented by one (by `1 - found_inf` when found_inf is given) BEFORE the
-    update, as torch's fused AdamW does. grad_scale: fp32 [1] or 0-dim device tensor the gradients are
-    divided by. found_inf: fp32 [1] or 0-dim device tensor; non-zero skips the whole step (state unchanged).
-    cache: a dict the caller keeps between steps so the launch tables (and the argument checks) are reused
-    while the params' and grads' addresses stay the same; use a fresh dict after replacing state tensors.
-    Nothing syncs with the host.
-    """
-    if not params:
-        return
-    if not 0.0 < beta1 < 1.0 or not 0.0 < beta2 < 1.0:
-        raise ValueError(f"betas must lie in (0, 1) for the fused kernel, got ({beta1}, {beta2})")
+    """The step of `fused_adamw_` (same arguments, all given; an empty list stands for None, as a schema has
+    no optional list of tensors)."""
 
     def validate():
         _check_list("params", params, params)
@@ -359,8 +351,8 @@ def fused_adamw_(
         _check_list("exp_avgs", exp_avgs, params)
         _check_list("exp_avg_sqs", exp_avg_sqs, params, exp_avgs[0].dtype)
         if amsgrad:
-            _check_list("max_exp_avg_sqs", max_exp_avg_sqs or [], params, exp_avgs[0].dtype)
-        if master_params is not None:
+            _check_list("max_exp_avg_sqs", max_exp_avg_sqs, params, exp_avgs[0].dtype)
+        if master_params:
             _check_list("master_params", master_params, params, torch.float32)
         if len(state_steps) != len(params) or any(s.numel() != 1 or s.dtype != torch.float32 for s in state_steps):
             raise ValueError(f"state_steps must be {len(params)} float32 one-element tensors")
@@ -371,10 +363,10 @@ def fused_adamw_(
         exp_avgs,
         exp_avg_sqs,
         max_exp_avg_sqs if amsgrad else [None] * len(params),
-        master_params if master_params is not None else [None] * len(params),
+        master_params if master_params else [None] * len(params),
         state_steps,
     ]
-    table, numels, block_tensor, block_start, n_blocks, aligned = _launch_table(rows, block, cache, validate=validate)
+    table, numels, block_tensor, block_start, n_blocks, aligned = _launch_table(rows, block, validate=validate)
 
     torch._foreach_add_(state_steps, 1.0)
     dummy = state_steps[0]
@@ -399,7 +391,7 @@ def fused_adamw_(
         eps,
         AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize),
-        MASTER=master_params is not None,
+        MASTER=bool(master_params),
         HAS_FOUND_INF=found_inf is not None,
         HAS_GRAD_SCALE=grad_scale is not None,
         ALIGNED=aligned,
@@ -410,9 +402,15 @@ def fused_adamw_(
         torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
 
 
-def _reduce(tensors: list[torch.Tensor], mode: int, out: torch.Tensor | None, block: int, cache: dict | None):
+@_fused_adamw_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, lr, beta1, beta2, eps,
+      weight_decay, amsgrad, maximize, grad_scale, found_inf, block, num_warps):
+    return None
+
+
+def _reduce(tensors: list[torch.Tensor], mode: int, out: torch.Tensor | None, block: int):
     table, numels, block_tensor, block_start, n_blocks, aligned = _launch_table(
-        [tensors], block, cache, key_rows=1, validate=lambda: _check_list("tensors", tensors, tensors))
+        [tensors], block, validate=lambda: _check_list("tensors", tensors, tensors))
     if out is None:
         out = torch.empty(n_blocks, dtype=torch.float32, device=tensors[0].device)
     _reduce_kernel[(n_blocks,)](
@@ -422,8 +420,78 @@ def _reduce(tensors: list[torch.Tensor], mode: int, out: torch.Tensor | None, bl
     return out
 
 
+@torch.library.custom_op("scratchformer::multi_tensor_norm", mutates_args=())
+def _multi_tensor_norm_op(tensors: list[torch.Tensor], norm_type: float, block: int) -> torch.Tensor:
+    """The norm of `multi_tensor_norm` (norm_type 2.0 or inf, checked there)."""
+    if norm_type == 2.0:
+        return _reduce(tensors, 0, None, block).sum().sqrt()
+    return _reduce(tensors, 1, None, block).amax()
+
+
+@_multi_tensor_norm_op.register_fake
+def _(tensors, norm_type, block):
+    return tensors[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("scratchformer::nonfinite_check_", mutates_args=("found_inf",))
+def _nonfinite_check_op(tensors: list[torch.Tensor], found_inf: torch.Tensor, block: int) -> None:
+    """The check of `nonfinite_check_` (tensors not empty)."""
+    _reduce(tensors, 2, found_inf, block)
+
+
+@_nonfinite_check_op.register_fake
+def _(tensors, found_inf, block):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public functions: check the arguments, call the op
+# ----------------------------------------------------------------------------------------------------------
+def fused_adamw_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor] | None,
+    master_params: list[torch.Tensor] | None,
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+    num_warps: int = DEFAULT_NUM_WARPS,
+) -> None:
+    """One AdamW step over a list of tensors in a single Triton launch (plus the step-counter updates).
+
+    params: T tensors of one dtype (fp32, bf16 or fp16), contiguous, all on one device.
+    grads: T tensors of one dtype, same element counts. exp_avgs, exp_avg_sqs (and max_exp_avg_sqs when
+    amsgrad): T tensors of one dtype (fp32 with master weights). master_params: None, or T fp32 tensors that
+    hold the real weights (params then receive their rounded values). state_steps: T float32 0-dim tensors
+    on the device; each is incremented by one (by `1 - found_inf` when found_inf is given) BEFORE the
+    update, as torch's fused AdamW does. grad_scale: fp32 [1] or 0-dim device tensor the gradients are
+    divided by. found_inf: fp32 [1] or 0-dim device tensor; non-zero skips the whole step (state unchanged).
+    The launch tables (and the argument checks) are reused while the tensors' addresses stay the same.
+    Nothing syncs with the host.
+    """
+    if not params:
+        return
+    if not 0.0 < beta1 < 1.0 or not 0.0 < beta2 < 1.0:
+        raise ValueError(f"betas must lie in (0, 1) for the fused kernel, got ({beta1}, {beta2})")
+    _fused_adamw_op(params, grads, exp_avgs, exp_avg_sqs, (max_exp_avg_sqs or []) if amsgrad else [],
+                    master_params if master_params is not None else [], state_steps, float(lr), float(beta1),
+                    float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize), grad_scale,
+                    found_inf, int(block), int(num_warps))
+
+
 def multi_tensor_norm(
-    tensors: list[torch.Tensor], norm_type: float = 2.0, *, block: int = DEFAULT_BLOCK, cache: dict | None = None
+    tensors: list[torch.Tensor], norm_type: float = 2.0, *, block: int = DEFAULT_BLOCK
 ) -> torch.Tensor:
     """The norm of all `tensors` together (as if concatenated), as a fp32 0-dim tensor on their device.
 
@@ -431,22 +499,20 @@ def multi_tensor_norm(
     One launch writes a partial result per block (sum of squares, or max |x|); one torch reduction over
     the partials finishes it, so the result is deterministic (no atomics). No host sync.
     """
-    if norm_type == 2.0:
-        return _reduce(tensors, 0, None, block, cache).sum().sqrt()
-    if norm_type == math.inf:
-        return _reduce(tensors, 1, None, block, cache).amax()
-    raise ValueError(f"norm_type must be 2.0 or inf for the fused norm, got {norm_type}")
+    if norm_type not in (2.0, math.inf):
+        raise ValueError(f"norm_type must be 2.0 or inf for the fused norm, got {norm_type}")
+    return _multi_tensor_norm_op(tensors, float(norm_type), int(block))
 
 
 def nonfinite_check_(
-    tensors: list[torch.Tensor], found_inf: torch.Tensor, *, block: int = DEFAULT_BLOCK, cache: dict | None = None
+    tensors: list[torch.Tensor], found_inf: torch.Tensor, *, block: int = DEFAULT_BLOCK
 ) -> torch.Tensor:
     """Set `found_inf` (fp32 [1] or 0-dim, on the tensors' device) to 1 if any element is inf or NaN.
 
     It is never reset here, so several calls (one per dtype/device bucket) OR into one flag. No host sync.
     """
     if tensors:
-        _reduce(tensors, 2, found_inf, block, cache)
+        _nonfinite_check_op(tensors, found_inf, int(block))
     return found_inf
 
 

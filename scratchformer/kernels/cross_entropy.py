@@ -22,21 +22,36 @@ When the gradients are computed:
     only; the backward recomputes the logits chunk by chunk and writes dz with the per-token scale (one
     more matmul per chunk than the other reductions; no [T, V] memory either way).
 
-Numerics: the matmuls run in the compute dtype (the autocast dtype under torch.autocast, else the inputs'
-dtype, which must then agree), the softmax and the loss in fp32, the logits' gradient is rounded once to
-the compute dtype (as autograd through F.linear under autocast rounds it). dW and db are summed over the
-chunks in fp32 and returned in the parameters' dtype. With every label ignored, "mean" gives nan (0 / 0),
-exactly like F.cross_entropy, and zero gradients; "sum" gives 0.
+Numerics: the matmuls run in the inputs' dtype, the softmax and the loss in fp32, the logits' gradient is
+rounded once to the inputs' dtype (as autograd through `F.linear(...).float()` rounds it). dW and db are
+summed over the chunks in fp32 and returned in the parameters' dtype. With every label ignored, "mean" gives
+nan (0 / 0), exactly like F.cross_entropy, and zero gradients; "sum" gives 0. A label outside [0, vocab)
+(other than ignore_index) gives a NaN loss and NaN gradients, found on the device rather than by a host
+check (see cross_entropy_kernels.py): the step that meets it is not finite, and the Trainer skips such steps.
+
+Two custom ops carry the 2-D core (see docs/kernels.md, "Kernels as PyTorch ops"):
+
+    scratchformer::linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, reduction,
+        chunk_size, need_hidden, need_weight, need_bias) -> [loss, the gradients asked for ("mean", "sum")]
+    scratchformer::linear_cross_entropy_backward(grad_loss, hidden, weight, bias, labels, ignore_index,
+        chunk_size, need_hidden, need_weight, need_bias) -> [the gradients asked for] ("none")
+
+The forward op has a fake implementation for tracing, an autograd formula (scale the gradients it returned,
+or call the backward op), and autocast's lower-precision rule. Under autocast the op therefore computes
+`F.cross_entropy(F.linear(h, W, b).float(), labels)` as torch's own composition does: hidden, weight and bias
+are cast to the autocast dtype (they are F.linear's inputs), the logits come out in that dtype, and the
+softmax and the loss are fp32 inside the op whatever its inputs; the loss is returned in fp32.
 """
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from .autocast import register_autocast_rule
 from .cross_entropy_kernels import _cross_entropy_rows_kernel
-from .cross_entropy_reference import linear_cross_entropy_reference
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 128 MiB in bf16; 1024 tokens at GPT-2's vocab of 50257
@@ -59,12 +74,13 @@ def _block_v(vocab: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(vocab), 8192), 16
 
 
-def _fused_pass(h, weight, bias, labels, ignore_index, compute_dtype, chunk_size, scale, need):
+def _fused_pass(h, weight, bias, labels, ignore_index, chunk_size, scale, need):
     """Loss per token and (when `scale` is not None) the gradients, chunk by chunk.
 
-    h [T, D], weight [V, D], bias [V] or None, labels [T]; scale: None (loss only), a 0-d fp32 tensor (one
-    scale for all rows) or a [T] fp32 tensor (per token); need: (hidden, weight, bias) gradient flags.
-    Returns loss [T] fp32, grad_h [T, D] in h's dtype, grad_w [V, D] and grad_b [V] fp32 (None when not needed).
+    h [T, D], weight [V, D], bias [V] or None, all of one dtype (the matmuls' dtype), labels [T]; scale: None
+    (loss only), a 0-d fp32 tensor (one scale for all rows) or a [T] fp32 tensor (per token); need:
+    (hidden, weight, bias) gradient flags. Returns loss [T] fp32, grad_h [T, D] in h's dtype, grad_w [V, D]
+    and grad_b [V] fp32 (None when not needed).
     """
     T, D = h.shape
     V = weight.shape[0]
@@ -76,13 +92,13 @@ def _fused_pass(h, weight, bias, labels, ignore_index, compute_dtype, chunk_size
     grad_h = torch.empty((T, D), device=h.device, dtype=h.dtype) if need_h else None
     grad_w = torch.zeros((V, D), device=h.device, dtype=torch.float32) if need_w else None
     grad_b = torch.zeros(V, device=h.device, dtype=torch.float32) if need_b else None
-    with torch.autocast(device_type=h.device.type, enabled=False):  # the dtypes below are explicit
-        w_c = weight.to(compute_dtype)
-        b_c = bias.to(compute_dtype) if bias is not None else None
+    # The inputs are in the matmuls' dtype already; an enclosing autocast region (a backward run inside one)
+    # must not recast them.
+    with torch.autocast(device_type=h.device.type, enabled=False):
         for c0 in range(0, T, chunk_size):
             c1 = min(c0 + chunk_size, T)
-            h_c = h[c0:c1].to(compute_dtype)
-            logits = F.linear(h_c, w_c, b_c)  # [C, V], contiguous
+            h_c = h[c0:c1]
+            logits = F.linear(h_c, weight, bias)  # [C, V], contiguous
             if write_grad:
                 scale_c = scale if scale.dim() == 0 else scale[c0:c1]
                 stride_scale = 0 if scale.dim() == 0 else 1
@@ -96,12 +112,9 @@ def _fused_pass(h, weight, bias, labels, ignore_index, compute_dtype, chunk_size
                 continue
             dz = logits  # overwritten in place by the kernel
             if need_h:
-                if grad_h.dtype == compute_dtype:
-                    torch.mm(dz, w_c, out=grad_h[c0:c1])
-                else:
-                    grad_h[c0:c1] = dz @ w_c
+                torch.mm(dz, weight, out=grad_h[c0:c1])
             if need_w:
-                if compute_dtype == torch.float32:
+                if h.dtype == torch.float32:
                     grad_w.addmm_(dz.t(), h_c)
                 else:  # cuBLAS has no half x half -> fp32-accumulator addmm: add the chunk's product
                     grad_w += dz.t() @ h_c
@@ -111,57 +124,100 @@ def _fused_pass(h, weight, bias, labels, ignore_index, compute_dtype, chunk_size
     return loss, grad_h, grad_w, grad_b
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """2-D core: hidden [T, D], weight [V, D], bias [V] or None, labels [T] -> loss (reduced or [T])."""
+# --------------------------------------------------------------------------------------------------------
+# The custom ops (2-D core: hidden [T, D], weight [V, D], bias [V] or None, labels [T], one float dtype)
+# --------------------------------------------------------------------------------------------------------
+def _wanted(flags, tensors):
+    """The tensors whose flag is set, in order: the layout of the ops' gradient lists."""
+    return [t for flag, t in zip(flags, tensors) if flag and t is not None]
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, compute_dtype, out_dtype,
-                chunk_size, grads_wanted):
-        need = ctx.needs_input_grad[:3] if grads_wanted else (False, False, False)
-        n_valid = (labels != ignore_index).sum()  # a device tensor: no host synchronisation
-        if reduction == "mean":
-            scale = 1.0 / n_valid.to(torch.float32)
-        else:
-            scale = torch.ones((), device=hidden.device, dtype=torch.float32)
-        in_forward = grads_wanted and reduction != "none"
-        loss, grad_h, grad_w, grad_b = _fused_pass(
-            hidden, weight, bias, labels, ignore_index, compute_dtype, chunk_size,
-            scale if in_forward else None, need,
-        )
-        ctx.reduction = reduction
-        if in_forward:
-            # Parameters' gradients are kept in their own dtype (the fp32 accumulator is freed now).
-            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-            grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
-        elif grads_wanted:  # "none": recompute in the backward
-            ctx.save_for_backward(hidden, weight, bias, labels)
-            ctx.ignore_index, ctx.compute_dtype, ctx.chunk_size = ignore_index, compute_dtype, chunk_size
-        if reduction == "mean":
-            out = loss.sum() / n_valid  # nan when every label is ignored, like F.cross_entropy
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
-        return out.to(out_dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.reduction != "none":
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            g = grad_out.to(torch.float32)
-            scaled = [None if t is None else (t * g).to(t.dtype) for t in (grad_h, grad_w, grad_b)]
-        else:
-            hidden, weight, bias, labels = ctx.saved_tensors
-            _, grad_h, grad_w, grad_b = _fused_pass(
-                hidden, weight, bias, labels, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_size,
-                grad_out.reshape(-1).to(torch.float32).contiguous(), ctx.needs_input_grad[:3],
-            )
-            scaled = [grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                      None if grad_b is None else grad_b.to(bias.dtype)]
-        need = ctx.needs_input_grad[:3]
-        dh, dw, db = (s if n else None for s, n in zip(scaled, need))
-        return dh, dw, db, None, None, None, None, None, None, None
+@torch.library.custom_op("scratchformer::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    reduction: str, chunk_size: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> list[torch.Tensor]:
+    """[loss, then (for "mean" and "sum") the gradients of the loss asked for by the need_* flags]: loss fp32,
+    a scalar or [T] for "none"; d hidden [T, D], d weight [V, D], d bias [V] in the inputs' dtype. For "mean"
+    and "sum" every gradient is computed here, while the logits exist, and the backward only scales them."""
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    n_valid = (labels != ignore_index).sum()  # a device tensor: no host synchronisation
+    if reduction == "mean":
+        scale = 1.0 / n_valid.to(torch.float32)
+    else:
+        scale = torch.ones((), device=hidden.device, dtype=torch.float32)
+    in_forward = reduction != "none" and any(need)
+    loss, grad_h, grad_w, grad_b = _fused_pass(hidden, weight, bias, labels, ignore_index, chunk_size,
+                                               scale if in_forward else None, need)
+    if reduction == "mean":
+        loss = loss.sum() / n_valid  # nan when every label is ignored, like F.cross_entropy
+    elif reduction == "sum":
+        loss = loss.sum()
+    if not in_forward:
+        return [loss]
+    # The parameters' gradients in their own dtype (the fp32 accumulators are freed now).
+    grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+    return [loss, *_wanted(need, (grad_h, grad_w, grad_b))]
+
+
+@linear_cross_entropy_forward.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_size, need_hidden, need_weight, need_bias):
+    loss = hidden.new_empty(labels.shape if reduction == "none" else (), dtype=torch.float32)
+    if reduction == "none":
+        return [loss]
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    return [loss, *(t.new_empty(t.shape) for t in _wanted(need, (hidden, weight, bias)))]
+
+
+@torch.library.custom_op("scratchformer::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(
+    grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor, ignore_index: int, chunk_size: int, need_hidden: bool, need_weight: bool,
+    need_bias: bool,
+) -> list[torch.Tensor]:
+    """The gradients asked for of reduction="none"'s per-token losses, given grad_loss [T] (fp32): the logits
+    are recomputed chunk by chunk, each token's softmax gradient scaled by its own grad_loss."""
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    _, grad_h, grad_w, grad_b = _fused_pass(hidden, weight, bias, labels, ignore_index, chunk_size,
+                                            grad_loss.to(torch.float32).contiguous(), need)
+    grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+    return _wanted(need, (grad_h, grad_w, grad_b))
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad_loss, hidden, weight, bias, labels, ignore_index, chunk_size, need_hidden, need_weight, need_bias):
+    need = (need_hidden, need_weight, need_bias and bias is not None)
+    return [t.new_empty(t.shape) for t in _wanted(need, (hidden, weight, bias))]
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, reduction, chunk_size, need_h, need_w, need_b = inputs
+    ctx.reduction, ctx.need = reduction, (need_h, need_w, need_b and bias is not None)
+    if reduction == "none":  # recompute in the backward
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
+    else:  # the gradients came with the loss
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_outputs):
+    """Gradients of hidden, weight and bias (None for the ones not asked for in the forward)."""
+    if ctx.reduction == "none":
+        hidden, weight, bias, labels = ctx.saved_tensors
+        grads = linear_cross_entropy_backward(grad_outputs[0], hidden, weight, bias, labels, ctx.ignore_index,
+                                              ctx.chunk_size, *ctx.need)
+    else:
+        g = grad_outputs[0].to(torch.float32)
+        grads = [(t * g).to(t.dtype) for t in ctx.saved_tensors]
+    grads = iter(grads)
+    dh, dw, db = (next(grads) if need else None for need in ctx.need)
+    return dh, dw, db, None, None, None, None, None, None, None
+
+
+linear_cross_entropy_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_rule(linear_cross_entropy_forward, "lower_precision")
 
 
 def _check(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, autocast):
@@ -197,10 +253,7 @@ def _check(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, au
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bool(bad.any()):  # one host synchronisation; an out-of-range label would read out of bounds
-        raise ValueError(f"linear_cross_entropy: labels must be in [0, {vocab}) or ignore_index = {ignore_index}; "
-                         f"got {labels[bad].flatten()[:5].tolist()}")
+    # (The labels' values are not checked here: that would wait for the device. See the module docstring.)
 
 
 def linear_cross_entropy(
@@ -220,7 +273,8 @@ def linear_cross_entropy(
         hidden: [..., dim] (or [tokens, dim]) final hidden states.
         weight: [vocab, dim] output embedding (tied word embeddings for BERT's MLM head and GPT-2's lm_head).
         labels: hidden.shape[:-1] (or [tokens]) int64/int32 class indices; `ignore_index` marks tokens
-            that contribute neither loss nor gradient (padding, unmasked MLM positions).
+            that contribute neither loss nor gradient (padding, unmasked MLM positions). A label outside
+            [0, vocab) gives a NaN loss (see the module docstring).
         reduction: "mean" (over the non-ignored tokens), "sum", or "none" (per-token losses shaped like
             labels, 0 at ignored tokens), as F.cross_entropy.
         bias: [vocab] or None (BERT's cls.predictions.bias).
@@ -236,18 +290,14 @@ def linear_cross_entropy(
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)
     _check(hidden, weight, labels, bias, ignore_index, reduction, chunk_size, autocast)
-    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     out_dtype = loss_dtype if loss_dtype is not None else (torch.float32 if autocast else hidden.dtype)
-    h2d = hidden.reshape(-1, hidden.shape[-1])
+    h2d = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
     labels_flat = labels.reshape(-1).contiguous()  # the kernel reads labels[row] at unit stride
-    tokens, vocab = h2d.shape[0], weight.shape[0]
-    if tokens == 0:
-        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, bias).to(out_dtype)
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(tokens, vocab)
-    grads_wanted = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    loss = _LinearCrossEntropyFunction.apply(
-        h2d, weight, bias, labels_flat, int(ignore_index), reduction, compute_dtype, out_dtype, chunk, grads_wanted)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(h2d.shape[0], weight.shape[0])
+    grad_mode = torch.is_grad_enabled()
+    need = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss = linear_cross_entropy_forward(h2d, weight, bias, labels_flat, int(ignore_index), reduction, chunk,
+                                        *need)[0].to(out_dtype)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 

@@ -12,6 +12,10 @@ program per row (token):
        host never waits for n_valid), stride 1 gives a per-row scale (the per-token grad_output of
        reduction="none").
 The logits are converted to fp32 on load; the gradient is rounded once to the logits' dtype on store.
+
+A label outside [0, V) that is not ignore_index is never used as an address (the row's own first logit is
+read in its place): its loss is NaN and, when WRITE_GRAD, so is its row of dz. The bad label thus shows on
+the device, in the loss and every gradient it reaches, with no host check that would stall the GPU.
 """
 
 import triton
@@ -29,6 +33,7 @@ def _cross_entropy_rows_kernel(
     row_ptr = logits_ptr + row * stride_lm
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
+    out_of_range = ((label < 0) | (label >= V)) & ~ignored
 
     # Pass 1: online max and sum of exponentials.
     m = float("-inf")
@@ -41,9 +46,10 @@ def _cross_entropy_rows_kernel(
         m = m_new
     lse = m + tl.log(d)
 
-    safe_label = tl.where(ignored, 0, label)
+    safe_label = tl.where(ignored | out_of_range, 0, label)
     z_label = tl.load(row_ptr + safe_label).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_label))
+    loss = tl.where(out_of_range, float("nan"), lse - z_label)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
 
     if WRITE_GRAD:
         # Pass 2: dz = scale * (softmax - onehot), in place (every element was read in pass 1 already).
@@ -54,4 +60,5 @@ def _cross_entropy_rows_kernel(
             mask = cols < V
             z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+            g = tl.where(out_of_range, float("nan"), g)
             tl.store(row_ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)

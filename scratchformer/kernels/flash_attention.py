@@ -1,4 +1,4 @@
-"""Fused attention (FlashAttention-2) as a differentiable PyTorch op.
+"""Fused attention (FlashAttention-2) as a PyTorch custom op.
 
     out = flash_attention(q, k, v, causal=True, attention_mask=mask, dropout_p=0.1)
 
@@ -9,11 +9,21 @@ therefore grows linearly with the sequence length. The exact semantics (bottom-r
 zeros for queries that see no key, dropout scaling) are those of `attention_reference`, which the tests
 compare against. The kernels are in `flash_attention_kernels.py`.
 
-Dropout randomness: each call with `dropout_p > 0` draws a fresh 62-bit seed with `torch.randint` from
-PyTorch's default CPU generator (no device synchronisation), so `torch.manual_seed(...)` makes runs
-reproducible. The seed is saved for the backward, which regenerates exactly the same mask. The mask element
-`(b, h, i, j)` is `tl.rand(seed, offset + ((b * heads + h) * seq_q + i) * seq_k + j) >= dropout_p`
-(offset is 0 here); `flash_attention_dropout_mask` draws that mask for tests.
+Two custom ops carry the work (see docs/kernels.md, "Kernels as PyTorch ops"):
+
+    scratchformer::flash_attention_forward(q, k, v, attention_mask, causal, softmax_scale, dropout_p,
+                                           dropout_seed) -> (out, lse)
+    scratchformer::flash_attention_backward(grad_out, q, k, v, out, lse, attention_mask, causal,
+                                            softmax_scale, dropout_p, dropout_seed) -> (dq, dk, dv)
+
+The forward op has the backward op as its autograd formula, a fake implementation for tracing, and
+autocast's matmul rule (like `scaled_dot_product_attention`: q, k and v are cast to the autocast dtype).
+
+Dropout randomness: each call with `dropout_p > 0` draws a seed on q's device with `draw_dropout_seed`
+(dropout_seed.py: no host synchronisation; `torch.manual_seed(...)` makes runs reproducible) and hands it
+to both ops, so the backward regenerates exactly the forward's mask. The mask element `(b, h, i, j)` is
+`tl.rand(seed, offset + ((b * heads + h) * seq_q + i) * seq_k + j) >= dropout_p` (offset is 0 here);
+`flash_attention_dropout_mask` draws that mask for tests.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ import torch
 import triton
 
 from scratchformer.kernels import flash_attention_kernels as kern
+from scratchformer.kernels.autocast import register_autocast_rule
+from scratchformer.kernels.dropout_seed import draw_dropout_seed, seed_pointer
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
@@ -89,17 +101,21 @@ def _block_grid(num_rows: int, batch_heads: int, block: str):
 
 
 def _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed):
+    """Launches the forward: (out `[batch, heads, seq_q, head_dim]` in q's dtype, lse `[batch, heads, seq_q]`
+    fp32). `seed` is the int64 `[1]` dropout seed tensor, or None without dropout."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     out = _alloc_like(q)
     lse = torch.empty((batch, heads, seq_q), device=q.device, dtype=torch.float32)
+    if q.numel() == 0 or seq_k == 0:  # nothing to attend to (or nobody asking): zeros, as the reference gives
+        return out.zero_(), lse.fill_(float("inf"))
     mask, stride_mb, stride_mn = _mask_arg(attention_mask, q)
     kern._flash_attn_fwd_kernel[_block_grid(seq_q, batch * heads, "BLOCK_M")](
         q, k, v, out, lse, mask,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         stride_mb, stride_mn,
         heads, seq_q, seq_k, head_dim,
-        softmax_scale * math.log2(math.e), dropout_p, seed, 0,
+        softmax_scale * math.log2(math.e), dropout_p, seed_pointer(seed, q), 0,
         triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k),
         CAUSAL=causal, HAS_MASK=attention_mask is not None, HAS_DROPOUT=dropout_p > 0.0,
         BLOCK_D=_block_d(head_dim), UPCAST=kern.INTERPRET, DOT_PRECISION=_dot_precision(q.dtype),
@@ -108,8 +124,11 @@ def _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed):
 
 
 def _bwd(do, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p, seed):
+    """Launches the backward: (dq, dk, dv), shaped and typed like q, k, v."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
+    if q.numel() == 0 or seq_k == 0:  # the output was constant zeros
+        return _alloc_like(q).zero_(), _alloc_like(k).zero_(), _alloc_like(v).zero_()
     block_d = _block_d(head_dim)
     delta = torch.empty_like(lse)
     pre_block_m = 32 if kern.INTERPRET else 128
@@ -125,7 +144,7 @@ def _bwd(do, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p
     )
     scalars = (
         heads, seq_q, seq_k, head_dim,
-        softmax_scale * math.log2(math.e), softmax_scale, dropout_p, seed, 0,
+        softmax_scale * math.log2(math.e), softmax_scale, dropout_p, seed_pointer(seed, q), 0,
         triton.next_power_of_2(seq_q), triton.next_power_of_2(seq_k),
     )
     kern._flash_attn_bwd_kv_kernel[_block_grid(seq_k, batch * heads, "BLOCK_N")](
@@ -141,24 +160,58 @@ def _bwd(do, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper; saves q, k, v, the output and the fp32 log-sum-exp `[batch, heads, seq_q]` (linear in
-    the sequence length) plus the dropout seed."""
+# ----------------------------------------------------------------------------------------------------------
+# The custom ops
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("scratchformer::flash_attention_forward", mutates_args=())
+def flash_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool,
+    softmax_scale: float, dropout_p: float, dropout_seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out `[batch, heads, seq_q, head_dim]` in q's dtype, lse `[batch, heads, seq_q]` fp32: the base-2
+    log-sum-exp of the scaled scores, +inf for a query that sees no key). Arguments as `flash_attention`
+    takes them, checked there; dropout_seed: int64 `[1]` on q's device, or None when dropout_p is 0."""
+    return _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, dropout_seed)
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed):
-        out, lse = _fwd(q, k, v, causal, attention_mask, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, attention_mask)
-        ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.seed = causal, softmax_scale, dropout_p, seed
-        return out
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse, attention_mask = ctx.saved_tensors
-        dq, dk, dv = _bwd(
-            do, q, k, v, out, lse, ctx.causal, attention_mask, ctx.softmax_scale, ctx.dropout_p, ctx.seed
-        )
-        return dq, dk, dv, None, None, None, None, None
+@flash_attention_forward.register_fake
+def _(q, k, v, attention_mask, causal, softmax_scale, dropout_p, dropout_seed):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("scratchformer::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool, softmax_scale: float, dropout_p: float,
+    dropout_seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the output gradient `grad_out` `[batch, heads, seq_q, head_dim]` and the forward's
+    inputs and outputs; the same seed regenerates the forward's dropout mask."""
+    return _bwd(grad_out, q, k, v, out, lse, causal, attention_mask, softmax_scale, dropout_p, dropout_seed)
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, attention_mask, causal, softmax_scale, dropout_p, dropout_seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attention_mask, causal, softmax_scale, dropout_p, dropout_seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, dropout_seed)
+    ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
+
+
+def _backward(ctx, grad_out, grad_lse):
+    """Gradients of q, k and v; the log-sum-exp is a by-product for the backward and gets none."""
+    q, k, v, out, lse, attention_mask, dropout_seed = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, attention_mask, ctx.causal,
+                                          ctx.softmax_scale, ctx.dropout_p, dropout_seed)
+    return dq, dk, dv, None, None, None, None, None
+
+
+flash_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autocast_rule(flash_attention_forward, "lower_precision")
 
 
 def _check_inputs(q, k, v, attention_mask, dropout_p) -> None:
@@ -171,7 +224,8 @@ def _check_inputs(q, k, v, attention_mask, dropout_p) -> None:
             )
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"flash_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    if not (q.dtype == k.dtype == v.dtype) and not torch.is_autocast_enabled(q.device.type):
+        # (under autocast the op casts all three to the autocast dtype, as F.scaled_dot_product_attention does)
         raise TypeError(f"flash_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -211,13 +265,6 @@ def _check_inputs(q, k, v, attention_mask, dropout_p) -> None:
         raise ValueError(f"flash_attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def draw_dropout_seed() -> int:
-    """The dropout seed of one `flash_attention` call: from PyTorch's default CPU generator (reproducible under
-    `torch.manual_seed`, no GPU sync). Always >= 2**32, so Triton always sees an int64 argument and never
-    recompiles because of the seed's value range."""
-    return int(torch.randint(2**32, 2**62, (), dtype=torch.int64).item())
-
-
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -242,17 +289,16 @@ def flash_attention(
             for how the random mask is drawn.
 
     Returns:
-        `[batch, heads, seq_q, head_dim]` in the input dtype. Queries that see no key give zeros.
+        `[batch, heads, seq_q, head_dim]` in the input dtype (the autocast dtype inside an autocast region).
+        Queries that see no key give zeros.
     """
     _check_inputs(q, k, v, attention_mask, dropout_p)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-    if q.numel() == 0 or k.shape[2] == 0:
-        # Nothing to attend to (or nobody asking): zeros, differentiable with zero gradients.
-        return torch.zeros_like(q) + 0.0 * (q.sum() + k.sum() + v.sum())
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), attention_mask, float(softmax_scale),
-                                        float(dropout_p), seed)
+    seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+    out, _ = flash_attention_forward(q, k, v, attention_mask, bool(causal), float(softmax_scale), float(dropout_p),
+                                     seed)
+    return out
 
 
 def flash_attention_dropout_mask(
@@ -261,14 +307,14 @@ def flash_attention_dropout_mask(
     seq_q: int,
     seq_k: int,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     offset: int = 0,
-    device: torch.device | str = "cuda",
 ) -> torch.Tensor:
-    """Test helper: the `[batch, heads, seq_q, seq_k]` bool keep-mask (True = kept) that the kernels use for
-    this (seed, offset). To reproduce a `flash_attention` call, set the same generator state and call
-    `draw_dropout_seed()`, which is what the call does (offset is 0 there)."""
-    mask = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+    """Test helper: the `[batch, heads, seq_q, seq_k]` bool keep-mask (True = kept) that the kernels draw for
+    this seed (an int64 `[1]` tensor, on the device the mask is made on) and offset. To reproduce a
+    `flash_attention` call, restore the generator state it started from and call
+    `draw_dropout_seed(device)`, which is what the call does (offset is 0 there)."""
+    mask = torch.empty((batch, heads, seq_q, seq_k), dtype=torch.int8, device=seed.device)
     block = 32
     # One program per (query block, key block, batch * head), flattened onto grid axis 0 like the others.
     grid = _check_programs(triton.cdiv(seq_q, block) * triton.cdiv(seq_k, block) * batch * heads, batch * heads)

@@ -12,7 +12,8 @@ of `attention_reference.attention_reference`. Notation used in every docstring b
 - Dropout: element `(b, h, i, j)` of the attention matrix is kept iff
   `tl.rand(seed, offset + ((b * H + h) * Sq + i) * Sk + j) >= dropout_p`. The counter depends only on the
   element's position, never on block sizes, so the forward, the backward (whatever blocks autotuning
-  picked) and the test helper `_dropout_mask_kernel` all draw the same mask.
+  picked) and the test helper `_dropout_mask_kernel` all draw the same mask. The seed is read from an
+  int64 `[1]` device tensor (`DropoutSeed`), never passed as a number from the host.
 - Tensors are addressed through explicit strides (no contiguity assumed) except the fp32 `lse`/`delta`
   buffers, which the Python side allocates contiguous as `[B, H, Sq]`.
 - Every element offset is computed in int64 (`_head_ptr`, `_tile_offsets`, the row offsets of the inner
@@ -42,6 +43,8 @@ import os
 import triton
 import triton.language as tl
 import triton.testing
+
+from scratchformer.kernels.dropout_seed import load_dropout_seed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -237,7 +240,7 @@ def _fwd_inner(
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @_autotune(_FWD_CONFIGS, _prune("m", 1))
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
+@triton.jit(do_not_specialize=["dropout_offset"])
 def _flash_attn_fwd_kernel(
     Q, K, V, Out, Lse, KeyMask,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -246,7 +249,7 @@ def _flash_attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
     num_heads, seq_q, seq_k, head_dim,
-    qk_scale, dropout_p, dropout_seed, dropout_offset,
+    qk_scale, dropout_p, DropoutSeed, dropout_offset,
     seq_q_bucket, seq_k_bucket,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -264,8 +267,8 @@ def _flash_attn_fwd_kernel(
         KeyMask: `[B, Sk]` integer, nonzero = real key, strides `stride_m*` (unused unless HAS_MASK).
         num_heads, seq_q, seq_k, head_dim: H, Sq, Sk, D.
         qk_scale: softmax_scale * log2(e).
-        dropout_p, dropout_seed, dropout_offset: dropout probability and the (seed, offset) of the mask
-            (unused unless HAS_DROPOUT).
+        dropout_p, DropoutSeed, dropout_offset: dropout probability, the int64 `[1]` tensor holding the
+            mask's seed, and the mask's counter offset (unused unless HAS_DROPOUT).
         seq_q_bucket, seq_k_bucket: next powers of two of Sq, Sk; autotuning keys only.
         CAUSAL, HAS_MASK, HAS_DROPOUT: which masks apply.
         BLOCK_D: next power of two >= D (>= 16 for tl.dot).
@@ -281,6 +284,7 @@ def _flash_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
+    dropout_seed = load_dropout_seed(DropoutSeed, HAS_DROPOUT)
 
     q_ptrs = _head_ptr(Q, b, h, stride_qb, stride_qh) + _tile_offsets(offs_m, offs_d, stride_qm, stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -406,7 +410,7 @@ def _bwd_kv_inner(
 
 
 @_autotune(_BWD_KV_CONFIGS, _prune("n", 2))
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
+@triton.jit(do_not_specialize=["dropout_offset"])
 def _flash_attn_bwd_kv_kernel(
     Q, K, V, dOut, Lse, Delta, KeyMask, dK, dV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -417,7 +421,7 @@ def _flash_attn_bwd_kv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn,
     num_heads, seq_q, seq_k, head_dim,
-    qk_scale, softmax_scale, dropout_p, dropout_seed, dropout_offset,
+    qk_scale, softmax_scale, dropout_p, DropoutSeed, dropout_offset,
     seq_q_bucket, seq_k_bucket,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -434,11 +438,12 @@ def _flash_attn_bwd_kv_kernel(
         dK, dV: `[B, H, Sk, D]` outputs in the input dtype, strides `stride_dk*`, `stride_dv*`.
         num_heads, seq_q, seq_k, head_dim: H, Sq, Sk, D.
         qk_scale: softmax_scale * log2(e); softmax_scale: the plain scale (dK = scale * dS^T Q).
-        dropout_p, dropout_seed, dropout_offset, seq_q_bucket, seq_k_bucket, constexprs: as in the forward.
+        dropout_p, DropoutSeed, dropout_offset, seq_q_bucket, seq_k_bucket, constexprs: as in the forward.
     """
     pid_n, pid_bh = _block_and_head(seq_k, BLOCK_N)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
+    dropout_seed = load_dropout_seed(DropoutSeed, HAS_DROPOUT)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -542,7 +547,7 @@ def _bwd_q_inner(
 
 
 @_autotune(_BWD_Q_CONFIGS, _prune("m", 2))
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
+@triton.jit(do_not_specialize=["dropout_offset"])
 def _flash_attn_bwd_q_kernel(
     Q, K, V, dOut, Lse, Delta, KeyMask, dQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -552,7 +557,7 @@ def _flash_attn_bwd_q_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mn,
     num_heads, seq_q, seq_k, head_dim,
-    qk_scale, softmax_scale, dropout_p, dropout_seed, dropout_offset,
+    qk_scale, softmax_scale, dropout_p, DropoutSeed, dropout_offset,
     seq_q_bucket, seq_k_bucket,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -568,6 +573,7 @@ def _flash_attn_bwd_q_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     md_ok = m_ok[:, None] & (offs_d[None, :] < head_dim)
+    dropout_seed = load_dropout_seed(DropoutSeed, HAS_DROPOUT)
 
     q_ptrs = _head_ptr(Q, b, h, stride_qb, stride_qh) + _tile_offsets(offs_m, offs_d, stride_qm, stride_qd)
     do_ptrs = _head_ptr(dOut, b, h, stride_dob, stride_doh) + _tile_offsets(offs_m, offs_d, stride_dom, stride_dod)
@@ -612,9 +618,9 @@ def _flash_attn_bwd_q_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Test helper: the dropout mask itself
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
+@triton.jit(do_not_specialize=["dropout_offset"])
 def _dropout_mask_kernel(
-    Mask, seq_q, seq_k, dropout_p, dropout_seed, dropout_offset,
+    Mask, seq_q, seq_k, dropout_p, DropoutSeed, dropout_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Writes the keep-mask the attention kernels use. Grid: (cdiv(Sq, BLOCK_M) * cdiv(Sk, BLOCK_N) * B * H,),
@@ -622,7 +628,7 @@ def _dropout_mask_kernel(
 
     Args:
         Mask: `[B, H, Sq, Sk]` int8, contiguous, written with 1 = kept.
-        seq_q, seq_k: Sq, Sk. dropout_p, dropout_seed, dropout_offset: as in the forward.
+        seq_q, seq_k: Sq, Sk. dropout_p, DropoutSeed, dropout_offset: as in the forward.
     """
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(seq_q, BLOCK_M)
@@ -632,7 +638,7 @@ def _dropout_mask_kernel(
     pid_n = pid % blocks_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(dropout_seed, dropout_offset, pid_bh, seq_q, seq_k, offs_m[:, None], offs_n[None, :],
-                         dropout_p)
+    keep = _dropout_keep(tl.load(DropoutSeed), dropout_offset, pid_bh, seq_q, seq_k, offs_m[:, None],
+                         offs_n[None, :], dropout_p)
     ptrs = Mask + (pid_bh.to(tl.int64) * seq_q + offs_m[:, None]) * seq_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k))

@@ -18,7 +18,8 @@ Three kernels cover the forward and the backward:
 
 Dropout: the keep mask is never stored. Element (m, k) of the [M, K] input is kept when
 `tl.rand(seed, m * K + k) >= p` (the counter wraps modulo 2³²); every kernel that needs the mask regenerates
-it from the same seed and counter, so forward and backward see the same mask.
+it from the same seed and counter, so forward and backward see the same mask. The seed is read from an int64
+[1] device tensor (`seed_ptr`, see dropout_seed.py), never passed as a number from the host.
 
 Precision: tiles are loaded in the input dtype and multiplied with fp32 accumulation. fp32 inputs use tf32
 tensor cores only when `ALLOW_TF32` (the wrapper follows `torch.backends.cuda.matmul.allow_tf32`, PyTorch's
@@ -31,6 +32,8 @@ import os
 
 import triton
 import triton.language as tl
+
+from .dropout_seed import load_dropout_seed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -114,7 +117,7 @@ def _lora_down_kernel(
     x_ptr, a_ptr, out_ptr,  # x [M, K], a [K, R] (e.g. a transposed view of lora_a), out [M, R]
     M, K, R,
     stride_xm, stride_xk, stride_ak, stride_ar, stride_om, stride_or,
-    scaling, dropout_p, seed,
+    scaling, dropout_p, seed_ptr,  # seed_ptr: int64 [1] dropout seed (read only when DROPOUT)
     M_BUCKET,  # next power of two of M: only an autotuning key
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -129,6 +132,7 @@ def _lora_down_kernel(
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # a second grid axis only when R > BLOCK_R
     row_mask = rows < M
     rank_mask = ranks < R
+    seed = load_dropout_seed(seed_ptr, DROPOUT)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -155,7 +159,7 @@ def _lora_matmul_kernel(
     a_ptr, b_ptr, lo_ptr, up_ptr, bias_ptr, out_ptr,  # a [M, K], b [K, N], lo [M, R], up [R, N], bias [N], out [M, N]
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_ur, stride_un, stride_om, stride_on,
-    dropout_p, seed,
+    dropout_p, seed_ptr,  # seed_ptr: int64 [1] dropout seed (read only when DROPOUT)
     M_BUCKET,  # next power of two of M: only an autotuning key
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -215,7 +219,7 @@ def _lora_matmul_kernel(
             up = up.to(tl.float32)
         low_rank = _dot(lo, up, low_rank, ALLOW_TF32)
     if DROPOUT:
-        acc += low_rank * _dropout_scale(seed, rows, cols, N, dropout_p)
+        acc += low_rank * _dropout_scale(tl.load(seed_ptr), rows, cols, N, dropout_p)
     else:
         acc = low_rank
     if HAS_BIAS:
@@ -231,15 +235,16 @@ def _lora_weight_grad_kernel(
     lo_ptr, x_ptr, ws_ptr,  # lo [M, R], x [M, K], ws [SPLITS, R, K] fp32 partial sums
     M, K, R, rows_per_split,
     stride_lm, stride_lr, stride_xm, stride_xk, stride_ws, stride_wr, stride_wk,
-    dropout_p, seed,
+    dropout_p, seed_ptr,  # seed_ptr: int64 [1] dropout seed (read only when DROPOUT)
     M_BUCKET,  # next power of two of M: only an autotuning key
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """ws[split] = lo[rows of split]ᵀ @ drop(x)[rows of split]: a split-M reduction over the tokens.
 
-    The output [R, K] is tiny and the reduction axis (tokens) is long, so the grid is (K blocks, splits);
-    (and rank blocks when R > BLOCK_R); each program sums its own slice of rows and the wrapper adds the fp32 partials (deterministic, no atomics).
+    The output [R, K] is tiny and the reduction axis (tokens) is long, so the grid is (K blocks, splits)
+    (and rank blocks when R > BLOCK_R); each program sums its own slice of rows and the wrapper adds the fp32
+    partials (deterministic, no atomics).
     """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -249,6 +254,7 @@ def _lora_weight_grad_kernel(
     rank_mask = ranks < R
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
+    seed = load_dropout_seed(seed_ptr, DROPOUT)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -268,10 +274,11 @@ def _lora_weight_grad_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[M, K] (int8) = 1 where the LoRA kernels keep element (m, k) for this seed, else 0 (tests/debugging)."""
+def _dropout_mask_kernel(out_ptr, M, K, dropout_p, seed_ptr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[M, K] (int8) = 1 where the LoRA kernels keep element (m, k) for the seed at seed_ptr, else 0
+    (tests/debugging)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    keep = _dropout_scale(seed, rows, cols, K, dropout_p) > 0.0
+    keep = _dropout_scale(tl.load(seed_ptr), rows, cols, K, dropout_p) > 0.0
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows < M)[:, None] & (cols < K)[None, :])

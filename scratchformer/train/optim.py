@@ -69,7 +69,6 @@ class AdamW(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.backend = backend
         self.found_inf: torch.Tensor | None = None  # the last step's skip flag (device tensor), if checked
-        self._caches: dict = {}  # launch tables per bucket, reused while no address changes
 
     # ------------------------------------------------------------------------------------------------
     def _backend_for(self, device: torch.device) -> str:
@@ -164,8 +163,7 @@ class AdamW(torch.optim.Optimizer):
                 by_grad.setdefault((key[1], key[3]), []).extend(b["grads"])
             for (device, dtype), grads in by_grad.items():
                 if self._backend_for(device) == "triton":
-                    cache = self._caches.setdefault(("inf", device, dtype), {})
-                    nonfinite_check_(grads, inf_by_device[device], cache=cache)
+                    nonfinite_check_(grads, inf_by_device[device])
                 else:
                     flag = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any()
                     inf_by_device[device].copy_(torch.maximum(inf_by_device[device], flag.float()))
@@ -181,7 +179,7 @@ class AdamW(torch.optim.Optimizer):
             masters = b["masters"] if key[5] else None
             if self._backend_for(device) == "triton":
                 fused_adamw_(b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"],
-                             masters, b["steps"], cache=self._caches.setdefault(key, {}), **kw)
+                             masters, b["steps"], **kw)
             else:
                 _torch_fused_adamw(b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"],
                                    b["max_exp_avg_sqs"], masters, b["steps"], **kw)
@@ -204,7 +202,6 @@ class AdamW(torch.optim.Optimizer):
                 if torch.is_tensor(v):
                     dtype = torch.float32 if k == "step" else v.dtype
                     state[k] = v.to(device=p.device, dtype=dtype, copy=True)
-        self._caches.clear()
 
 
 def _torch_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, *, lr, beta1,

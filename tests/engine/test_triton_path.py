@@ -3,9 +3,10 @@ in training (tiny BERT) and generation with the KV cache (tiny GPT-2, where seq_
 mask is aligned bottom-right).
 
 How dropout reaches the kernel: `SelfAttention` passes `config.attention_dropout` in training and 0 in eval;
-`flash_attention` draws each call's 62-bit mask seed from PyTorch's default CPU generator (offset always 0),
-so `torch.manual_seed` makes a run reproducible, and gradient checkpointing, which saves and restores the
-CPU generator around a block's recompute, redraws the same seed and therefore the same mask.
+`flash_attention` draws each call's mask seed on the device from its default generator (`draw_dropout_seed`,
+offset always 0), so `torch.manual_seed` makes a run reproducible, and gradient checkpointing, which saves and
+restores the generators of the CPU and of its inputs' devices around a block's recompute, redraws the same
+seed and therefore the same mask.
 
 The tiny random checkpoints come from tests/tiny_checkpoints.py (head_dim 15 for BERT, 13 for GPT-2).
 Tolerances (fp32): 1e-5 relative in the interpreter, 1e-4 on a GPU (as in tests/kernels/test_flash_attention.py).

@@ -52,13 +52,12 @@ def _rel(a, b):
 def test_fused_adamw_matches_reference(device, dtype, master, amsgrad):
     ours = _state(device, dtype, master, amsgrad)
     ref = _clone(ours)
-    cache = {}
     for step in range(6):
         grads = [torch.randn(s, device=device).to(dtype) * 8 for s in SHAPES]
         kw = dict(lr=1e-2, beta1=0.9 if step % 2 else 0.3, beta2=0.999, eps=1e-8, weight_decay=0.05,
                   amsgrad=amsgrad, maximize=step == 3, grad_scale=torch.full((1,), 8.0, device=device))
         # block=256: tensors span several programs and the last block of each is ragged
-        _run(fused_adamw_, ours, grads, **kw, block=256, num_warps=4, cache=cache)
+        _run(fused_adamw_, ours, grads, **kw, block=256, num_warps=4)
         _run(adamw_reference_, ref, grads, **kw)
     tol = TOL[torch.float32] if (master or dtype == torch.float32) else TOL[dtype]
     for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "master_params"):
@@ -88,8 +87,8 @@ def test_unaligned_views(device):
 
     ours = dict(params=views(randn), exp_avgs=views(rand), exp_avg_sqs=views(rand), max_exp_avg_sqs=None,
                 master_params=None, state_steps=[torch.full((), 3.0, device=device) for _ in SHAPES])
-    assert not _launch_table([ours["params"]], 256, None)[-1]
-    assert _launch_table([[p.clone() for p in ours["params"]]], 256, None)[-1]
+    assert not _launch_table([ours["params"]], 256)[-1]
+    assert _launch_table([[p.clone() for p in ours["params"]]], 256)[-1]
     ref = _clone(ours)
     grads = views(randn)
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)

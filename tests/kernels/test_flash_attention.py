@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from scratchformer.kernels import attention_reference, flash_attention
-from scratchformer.kernels.flash_attention import draw_dropout_seed, flash_attention_dropout_mask
+from scratchformer.kernels.dropout_seed import draw_dropout_seed
+from scratchformer.kernels.flash_attention import flash_attention_dropout_mask
 
 # The module, not the function of the same name that scratchformer.kernels re-exports.
 fa_module = importlib.import_module("scratchformer.kernels.flash_attention")
@@ -56,6 +57,16 @@ def _inputs(batch, heads, seq_q, seq_k, head_dim, dtype, device):
     k = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype).requires_grad_()
     v = torch.randn(batch, heads, seq_k, head_dim, device=device).to(dtype).requires_grad_()
     return q, k, v
+
+
+def _next_dropout_seed(device):
+    """The seed the next `flash_attention` call on `device` will draw, leaving the generators where they are."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        return draw_dropout_seed(device)
+
+
+def _seed(value, device):
+    return torch.tensor([value], dtype=torch.int64, device=device)
 
 
 def _padding_mask(batch, seq_k, device):
@@ -187,11 +198,11 @@ def test_offsets_past_int32(device):
 
 def test_dropout_fraction_and_determinism(device):
     p = 0.25
-    mask = flash_attention_dropout_mask(2, 4, 61, 67, p, seed=2**33 + 7, device=device)
+    mask = flash_attention_dropout_mask(2, 4, 61, 67, p, _seed(2**33 + 7, device))
     kept = mask.float().mean().item()
     # 32,776 Bernoulli draws: the standard deviation of the kept fraction is 0.0024.
     assert abs(kept - (1 - p)) < 0.012, kept
-    other = flash_attention_dropout_mask(2, 4, 61, 67, p, seed=2**33 + 8, device=device)
+    other = flash_attention_dropout_mask(2, 4, 61, 67, p, _seed(2**33 + 8, device))
     assert (mask != other).float().mean() > 0.2  # another seed, another mask
 
     q, k, v = _inputs(2, 2, 23, 31, 16, torch.float32, device)
@@ -210,10 +221,7 @@ def test_dropout_matches_reference_under_same_mask(device, causal):
     batch, heads, seq_q, seq_k, head_dim = 3, 2, 37, 45, 24
     q, k, v = _inputs(batch, heads, seq_q, seq_k, head_dim, torch.float32, device)
     attention_mask = _padding_mask(batch, seq_k, device)
-    state = torch.get_rng_state()
-    seed = draw_dropout_seed()  # the seed flash_attention will draw from the same generator state
-    torch.set_rng_state(state)
-    dropout_mask = flash_attention_dropout_mask(batch, heads, seq_q, seq_k, p, seed, device=device)
+    dropout_mask = flash_attention_dropout_mask(batch, heads, seq_q, seq_k, p, _next_dropout_seed(device))
     _check_against_reference(q, k, v, causal=causal, attention_mask=attention_mask, dropout_mask=dropout_mask,
                              dropout_p=p)
 
@@ -274,9 +282,10 @@ def _launch_grids(monkeypatch, batch, heads, seq_q, seq_k, block):
         monkeypatch.setattr(kern, name, _LaunchSpy(name, grids, {"BLOCK_M": block, "BLOCK_N": block}))
     q = torch.empty(batch, heads, seq_q, 64, device="meta")
     k = torch.empty(batch, heads, seq_k, 64, device="meta")
-    out, lse = fa_module._fwd(q, k, k, True, None, 0.125, 0.1, 2**40)
-    fa_module._bwd(out, q, k, k, out, lse, True, None, 0.125, 0.1, 2**40)
-    flash_attention_dropout_mask(batch, heads, seq_q, seq_k, 0.1, 2**40, device="meta")
+    seed = torch.empty(1, dtype=torch.int64, device="meta")
+    out, lse = fa_module._fwd(q, k, k, True, None, 0.125, 0.1, seed)
+    fa_module._bwd(out, q, k, k, out, lse, True, None, 0.125, 0.1, seed)
+    flash_attention_dropout_mask(batch, heads, seq_q, seq_k, 0.1, seed)
     return grids
 
 
@@ -314,10 +323,7 @@ def test_large_shapes_on_gpu(device, causal, head_dim):
     q, k, v = _inputs(batch, heads, seq, seq, head_dim, torch.bfloat16, device)
     _check_against_reference(q, k, v, causal=causal, attention_mask=_padding_mask(batch, seq, device))
     p = 0.1
-    state = torch.get_rng_state()
-    seed = draw_dropout_seed()
-    torch.set_rng_state(state)
-    dropout_mask = flash_attention_dropout_mask(batch, heads, seq, seq, p, seed, device=device)
+    dropout_mask = flash_attention_dropout_mask(batch, heads, seq, seq, p, _next_dropout_seed(device))
     _check_against_reference(q, k, v, causal=causal, attention_mask=None, dropout_mask=dropout_mask, dropout_p=p)
 
 

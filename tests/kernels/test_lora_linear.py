@@ -19,6 +19,11 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
 
 
+def seed_tensor(value, device):
+    """A dropout seed as lora_linear takes it: int64 [1] on the device."""
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
 def make_inputs(tokens_shape, in_f, out_f, r, dtype, device, bias=True):
     """Fresh random inputs with nonzero lora_b (PEFT initialises B to zeros, which would test nothing)."""
     x = torch.randn(*tokens_shape, in_f, device=device, dtype=dtype)
@@ -44,7 +49,7 @@ def run_both(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, seed=None)
 
     mask = None
     if dropout_p > 0.0:
-        mask = lora_dropout_mask(x[..., 0].numel(), x.shape[-1], dropout_p, seed, x.device).reshape(x.shape)
+        mask = lora_dropout_mask(x[..., 0].numel(), x.shape[-1], dropout_p, seed).reshape(x.shape)
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, lora_a, lora_b))
     bias64 = bias.double() if bias is not None else None
     y64 = lora_linear_reference(x64, weight.double(), bias64, a64, b64, scaling, dropout_p, dropout_mask=mask)
@@ -128,15 +133,15 @@ def test_frozen_weight_gets_no_grad_and_trainable_weight_does(device):
 def test_dropout_matches_reference_given_the_kernels_mask(device, dtype):
     """Forward and backward regenerate one mask: with it, the reference agrees on y, dX, dA and dB."""
     inputs = make_inputs((2, 19), 67, 40, 8, dtype, device)
-    ours, ref = run_both(*inputs, scaling=2.0, dropout_p=0.3, seed=1234)
+    ours, ref = run_both(*inputs, scaling=2.0, dropout_p=0.3, seed=seed_tensor(1234, device))
     assert_close(ours, ref, dtype)
 
 
 def test_dropout_statistics_and_seeds(device):
-    mask = lora_dropout_mask(256, 257, 0.25, seed=7, device=device)
+    mask = lora_dropout_mask(256, 257, 0.25, seed_tensor(7, device))
     assert abs(mask.float().mean().item() - 0.75) < 0.01
-    assert torch.equal(mask, lora_dropout_mask(256, 257, 0.25, seed=7, device=device))
-    other = lora_dropout_mask(256, 257, 0.25, seed=8, device=device)
+    assert torch.equal(mask, lora_dropout_mask(256, 257, 0.25, seed_tensor(7, device)))
+    other = lora_dropout_mask(256, 257, 0.25, seed_tensor(8, device))
     assert (mask != other).float().mean().item() > 0.2  # independent masks differ in ~37.5% of places
 
     # Same seed, same output; the seed drawn from torch's generator follows torch.manual_seed.
@@ -152,14 +157,14 @@ def test_dropout_statistics_and_seeds(device):
 def test_dropout_only_on_lora_input(device):
     """With lora_b = 0 the output is the undropped base linear, whatever the dropout (PEFT semantics)."""
     x, weight, bias, lora_a, lora_b = make_inputs((7,), 24, 40, 8, torch.float32, device)
-    y = lora_linear(x, weight, bias, lora_a, torch.zeros_like(lora_b), 2.0, 0.9, seed=1)
+    y = lora_linear(x, weight, bias, lora_a, torch.zeros_like(lora_b), 2.0, 0.9, seed=seed_tensor(1, device))
     assert rel_err(y, torch.nn.functional.linear(x.double(), weight.double(), bias.double())) <= 1e-6
 
 
 def test_matches_peft_with_the_same_dropout_mask(device):
     """PEFT's lora.Linear, its dropout replaced by our mask, gives our output, dX and adapter gradients."""
     peft = pytest.importorskip("peft")
-    in_f, out_f, r, alpha, p, seed = 24, 40, 8, 16, 0.2, 99
+    in_f, out_f, r, alpha, p, seed = 24, 40, 8, 16, 0.2, seed_tensor(99, device)
     base = torch.nn.Sequential(torch.nn.Linear(in_f, out_f)).to(device)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["0"])
     model = peft.get_peft_model(base, config)
@@ -167,7 +172,7 @@ def test_matches_peft_with_the_same_dropout_mask(device):
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # nonzero B, so the adapter matters
 
     x = torch.randn(3, 5, in_f, device=device, requires_grad=True)
-    keep = lora_dropout_mask(15, in_f, p, seed, device).reshape(x.shape)
+    keep = lora_dropout_mask(15, in_f, p, seed).reshape(x.shape)
 
     class FixedMask(torch.nn.Module):
         def forward(self, t):
@@ -209,6 +214,8 @@ def test_bad_inputs_name_the_argument(device):
         lora_linear(x, weight, bias, lora_a, lora_b, 2.0, 1.0)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
         lora_linear(x.long(), weight, bias, lora_a, lora_b, 2.0)
+    with pytest.raises(TypeError, match=r"seed must be an int64 \[1\] tensor"):
+        lora_linear(x, weight, bias, lora_a, lora_b, 2.0, 0.1, seed=7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the autotuned tiles (up to 256) and edges")
@@ -216,5 +223,5 @@ def test_bad_inputs_name_the_argument(device):
 def test_gpu_many_tiles_with_ragged_edges(device, dtype):
     """Sizes spanning several of the GPU's large tiles, none a multiple of them, with dropout on."""
     inputs = make_inputs((3, 347), 777, 1031, 16, dtype, device)
-    ours, ref = run_both(*inputs, scaling=2.0, dropout_p=0.1, seed=5)
+    ours, ref = run_both(*inputs, scaling=2.0, dropout_p=0.1, seed=seed_tensor(5, device))
     assert_close(ours, ref, dtype)
