@@ -145,11 +145,12 @@ def test_loading_builds_on_the_meta_device_and_initialises_nothing(hf_checkpoint
     assert seen and set(seen) == {"meta"}
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "triton"])
 @pytest.mark.parametrize("name, cls, types", [("bert_mlm", MaskedLM, True), ("gpt2_lm", CausalLM, False)])
 def test_forward_compiles_without_graph_breaks(hf_checkpoints, name, cls, types, backend):
-    """torch._dynamo.explain over the forward with a padding mask (BERT: and token types): one graph, no break.
-    The mask is never read on the host inside the graph (engine/transformer.py, drop_full_mask)."""
+    """torch._dynamo.explain over the forward with a padding mask (BERT: and token types) and labels: one graph,
+    no break, on every backend (the triton path's kernels are custom ops that dynamo traces through). The mask
+    is never read on the host inside the graph (engine/transformer.py, drop_full_mask)."""
     model = cls.from_pretrained(hf_checkpoints[name][0], backend=backend)
     ids = torch.randint(1, 90, (2, 9))
     mask = torch.ones_like(ids)
