@@ -30,7 +30,7 @@ BENCHMARKS = {
     "train_step": "training step tokens/s and peak memory, ours vs transformers (+ peft) with torch AdamW",
     "tokenize_corpus": "corpus preparation vs a per-document transformers loop",
 }
-# Short names the command also accepts (issue 8 names the training benchmark `train`).
+# Short names the command also accepts (`train` for the training-step benchmark).
 BENCHMARK_ALIASES = {"train": "train_step"}
 
 
@@ -341,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         description="Train a BPE tokenizer on Python's own docs, pretrain a small GPT-2 from scratch, fine-tune the\n"
                     "real all-MiniLM-L6-v2 with LoRA to classify stdlib docstrings, and save checkpoints, adapter,\n"
-                    "merged model, metrics.jsonl, loss plots and summary.json in --out (44 s on a nearly idle\n"
-                    "2-core CPU, 2026-12-02; about 2 minutes when other jobs keep the cores busy).\n"
+                    "merged model, metrics.jsonl, loss plots and summary.json in --out (under a minute on a nearly\n"
+                    "idle 2-core CPU; a few minutes when other jobs keep the cores busy).\n"
                     "A non-empty --out is refused unless --force, which replaces only the demo's own outputs.",
         epilog=_example("scratchformer demo --quick   |   scratchformer demo --out runs/demo2 --seed 1"))
     demo.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
