@@ -50,7 +50,7 @@ class PreTrainedModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         family = get_family(config.model_type)
-        name = type(self).__name__
+        name = self.model_class_name()
         if name not in family.architectures:
             have = sorted(f"model_type {f.model_type!r}" for f in _families_with(name))
             raise ConfigError(f"{name} is not available for model_type {config.model_type!r}"
@@ -58,6 +58,11 @@ class PreTrainedModel(nn.Module):
         self.config = config
         self.load_report = LoadReport()
         self.name_or_path: str | None = None  # the folder from_pretrained read, as given (HF's name_or_path)
+
+    @classmethod
+    def model_class_name(cls) -> str:
+        """Which of our model classes this is ("SequenceClassifier", ...), also for a subclass of one."""
+        return next(k.__name__ for k in cls.__mro__ if k.__bases__ and k.__bases__[0] is PreTrainedModel)
 
     def post_init(self) -> None:
         """Swap in the kernels for the "triton" / "auto" backends (engine/fused.py), then initialise the weights
@@ -144,7 +149,7 @@ class PreTrainedModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike):
         """Write config.json + model.safetensors in HF layout; `transformers` loads the folder unchanged."""
         config = self.config.to_hf_dict()
-        config["architectures"] = [get_family(self.config.model_type).architectures[type(self).__name__]]
+        config["architectures"] = [get_family(self.config.model_type).architectures[self.model_class_name()]]
         config["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
         return save_checkpoint(self, path, config, with_prefix=self.body_prefix_in_file)
 
