@@ -187,7 +187,7 @@ def cmd_generate(args) -> int:
     tok = Tokenizer.from_pretrained(args.model)
     batch = tok([args.prompt], return_tensors="pt")
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    limit = model.config.max_positions
+    limit = model.config.max_length
     if ids.shape[1] + args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt has {ids.shape[1]} tokens and the model "
                          f"takes at most {limit} positions")
@@ -248,7 +248,7 @@ def cmd_attention_map(args) -> int:
     device = _device(args)
     model = load_model(args.model, device=device, dtype=args.dtype, backend="eager")
     tok = Tokenizer.from_pretrained(args.model)
-    batch = tok([args.text], return_tensors="pt", truncation=True, max_length=model.config.max_positions)
+    batch = tok([args.text], return_tensors="pt", truncation=True, max_length=model.config.max_length)
     types = batch.get("token_type_ids")
     probs = attention_probabilities(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                     None if types is None else types.to(device), layer=args.layer)[0]

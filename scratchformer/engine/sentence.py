@@ -61,7 +61,7 @@ class SentenceEncoder:
         st_config = folder / "sentence_bert_config.json"
         if st_config.is_file():
             max_length = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
-        return cls(encoder, tokenizer, _read_pooling_mode(folder), max_length or encoder.config.max_positions)
+        return cls(encoder, tokenizer, _read_pooling_mode(folder), max_length or encoder.config.max_length)
 
     @torch.no_grad()
     def encode(self, texts: str | list[str], batch_size: int = 32, normalize: bool = True) -> torch.Tensor:

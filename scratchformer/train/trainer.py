@@ -311,7 +311,7 @@ class Trainer:
         return record
 
     def _seq_len(self) -> int:
-        return getattr(self.data, "block_size", None) or self.model.config.max_positions
+        return getattr(self.data, "block_size", None) or self.model.config.max_length
 
     def evaluate(self) -> dict:
         self.model.eval()
