@@ -116,7 +116,10 @@ class HFFields:
         return value
 
     def token_id(self, key: str, default=None):
-        """A token id (an integer >= 0) or None."""
+        """A token id (an integer >= 0) or None; an explicit null stays None whatever the default."""
+        if self.d.get(key, default) is None:
+            self.used.add(key)
+            return None
         value, given = self._get(key, default)
         if given and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise self.error(key, f"expected a token id (an integer >= 0) or null, got {value!r}")
