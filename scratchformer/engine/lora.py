@@ -208,7 +208,7 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
     config = LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=targets if isinstance(targets, str) else sorted(set(targets)),
                         use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
-                        fan_in_fan_out=family.fan_in_fan_out, task_type=TASK_TYPES.get(type(model).__name__),
+                        fan_in_fan_out=family.fan_in_fan_out, task_type=TASK_TYPES.get(model.model_class_name()),
                         base_model_name_or_path=getattr(model, "name_or_path", None))
     for p in model.parameters():
         p.requires_grad_(False)
