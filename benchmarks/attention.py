@@ -7,8 +7,8 @@ heads = 2048 / head_dim, causal and not. For each provider it measures forward, 
 (median of `triton.testing.do_bench`) as TFLOP/s, and the peak memory of forward+backward above the inputs.
 FLOPs: 4 * batch * heads * seq_q * seq_k * head_dim for the forward (half when causal); the backward is 2.5
 times that. Providers: `triton` (ours), `sdpa-flash`, `sdpa-efficient`, `sdpa-cudnn`, `sdpa-math` (via
-`torch.nn.attention.sdpa_kernel`), and `eager`: the engine's own `attention="eager"` path,
-`scratchformer.engine.attention.eager_attention` (matmul, softmax in fp32, matmul, all scores in memory). A
+`torch.nn.attention.sdpa_kernel`), and `eager`: the engine's own `backend="eager"` path,
+`scratchformer.engine.transformer.eager_attention` (matmul, softmax in fp32, matmul, all scores in memory). A
 provider that errors (unsupported) or would not fit in memory is shown as "-".
 
 On the CPU (no CUDA) it runs tiny fp32 sizes with the reference paths only (eager, sdpa-math and ours under
@@ -29,7 +29,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.harness import Benchmark  # noqa: E402
-from scratchformer.engine.attention import eager_attention  # noqa: E402
+from scratchformer.engine.transformer import eager_attention  # noqa: E402
 from scratchformer.kernels import flash_attention  # noqa: E402
 
 # H100 SXM ceilings for bf16 dense matrix products (attention is matmul-bound).

@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from scratchformer.engine.backend import BACKENDS
+
 DTYPES = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
-ATTENTION = ["auto", "eager", "sdpa", "triton"]
 
 # Benchmark name -> what it measures (benchmarks/<name>.py). A name whose script is absent is reported missing.
 BENCHMARKS = {
@@ -29,7 +30,7 @@ BENCHMARKS = {
     "train_step": "training step tokens/s and peak memory, ours vs transformers (+ peft) with torch AdamW",
     "tokenize_corpus": "corpus preparation vs a per-document transformers loop",
 }
-# Short names the command also accepts (issue 8 names the training benchmark `train`).
+# Short names the command also accepts (`train` for the training-step benchmark).
 BENCHMARK_ALIASES = {"train": "train_step"}
 
 
@@ -64,11 +65,13 @@ def _is_model_folder(text: str) -> bool:
     return os.path.isdir(text) and os.path.isfile(os.path.join(text, "config.json"))
 
 
-def _add_runtime_flags(p, attention: bool = True):
+def _add_runtime_flags(p, backend: bool = True):
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one, else cpu)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weight dtype (default: float32)")
-    if attention:
-        p.add_argument("--attention", default="auto", choices=ATTENTION, help="attention backend (default: auto)")
+    if backend:
+        p.add_argument("--backend", "--attention", dest="backend", default="auto", choices=BACKENDS,
+                       help="the implementation of every op: auto (Triton kernels on CUDA, PyTorch elsewhere), "
+                            "eager, sdpa or triton (default: auto; --attention is another name for it)")
 
 
 # ---- demo -------------------------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ def cmd_embed(args) -> int:
     out = _writable_output(args.output) if args.output else None  # before the model loads, not after
     model_path = model_path or _default_embedding_model()
     encoder = SentenceEncoder.from_pretrained(model_path, device=_device(args), dtype=args.dtype,
-                                              attention=args.attention)
+                                              backend=args.backend)
     chunks = [texts[i : i + args.batch_size] for i in range(0, len(texts), args.batch_size)]
     with _progress(total=len(texts), desc="embedding", unit="text") as bar:
         parts = []
@@ -180,11 +183,11 @@ def cmd_generate(args) -> int:
     if args.top_k is not None and args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
     device = _device(args)
-    model = CausalLM.from_pretrained(args.model, device=device, dtype=args.dtype, attention=args.attention)
+    model = CausalLM.from_pretrained(args.model, device=device, dtype=args.dtype, backend=args.backend)
     tok = Tokenizer.from_pretrained(args.model)
     batch = tok([args.prompt], return_tensors="pt")
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    limit = model.config.max_positions
+    limit = model.config.max_length
     if ids.shape[1] + args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt has {ids.shape[1]} tokens and the model "
                          f"takes at most {limit} positions")
@@ -235,7 +238,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_attention_map(args) -> int:
-    from scratchformer.engine.attention import attention_probabilities
+    from scratchformer.engine.attention_map import attention_probabilities
     from scratchformer.engine.auto import load_model
     from scratchformer.tokenize import Tokenizer
     from scratchformer.viz import plot_attention
@@ -243,9 +246,9 @@ def cmd_attention_map(args) -> int:
     if not args.output.lower().endswith(".png"):
         raise ValueError(f"-o {args.output}: the picture is a PNG; name it *.png")
     device = _device(args)
-    model = load_model(args.model, device=device, dtype=args.dtype, attention="eager")
+    model = load_model(args.model, device=device, dtype=args.dtype, backend="eager")
     tok = Tokenizer.from_pretrained(args.model)
-    batch = tok([args.text], return_tensors="pt", truncation=True, max_length=model.config.max_positions)
+    batch = tok([args.text], return_tensors="pt", truncation=True, max_length=model.config.max_length)
     types = batch.get("token_type_ids")
     probs = attention_probabilities(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                     None if types is None else types.to(device), layer=args.layer)[0]
@@ -338,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         description="Train a BPE tokenizer on Python's own docs, pretrain a small GPT-2 from scratch, fine-tune the\n"
                     "real all-MiniLM-L6-v2 with LoRA to classify stdlib docstrings, and save checkpoints, adapter,\n"
-                    "merged model, metrics.jsonl, loss plots and summary.json in --out (44 s on a nearly idle\n"
-                    "2-core CPU, 2026-12-02; about 2 minutes when other jobs keep the cores busy).\n"
+                    "merged model, metrics.jsonl, loss plots and summary.json in --out (under a minute on a nearly\n"
+                    "idle 2-core CPU; a few minutes when other jobs keep the cores busy).\n"
                     "A non-empty --out is refused unless --force, which replaces only the demo's own outputs.",
         epilog=_example("scratchformer demo --quick   |   scratchformer demo --out runs/demo2 --seed 1"))
     demo.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
@@ -419,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     amap.add_argument("--layer", type=int, required=True, help="layer index from 0 (negative: from the end)")
     amap.add_argument("--head", type=int, default=None, help="one head (default: all heads, as a grid)")
     amap.add_argument("-o", "--output", required=True, help="the PNG to write")
-    _add_runtime_flags(amap, attention=False)
+    _add_runtime_flags(amap, backend=False)
     amap.set_defaults(run=cmd_attention_map)
 
     bench = sub.add_parser(

@@ -54,15 +54,7 @@ An existing non-empty `--out` is refused unless `force=True` (`--force`); with i
 writes (the names above) are replaced, and anything else in the folder is left alone.
 
 `quick=True` (`--quick`) runs the same steps smaller. How long it takes depends mostly on what else the CPU
-is doing. Measured with `time scratchformer demo` on 2-core x86_64 machines:
-
-    both cores nearly idle (2026-12-02)                         full run 44 s        --quick 19 s
-    both cores nearly idle (2026-11-24)                         full run 52 s        --quick 28 s
-    both cores saturated by other jobs (load 5-6, 2026-11-24)   full run 2 min 3 s   --quick 70 s
-
-(one PyTorch thread under load, see `cpu_threads`; with PyTorch's default two threads the same loaded full run
-took 6 min 14 s). On 2026-12-02, on a more heavily loaded 2-core machine, `tests/test_demo.py`'s `--quick` run
-took about 100 s.
+is doing; measured times are in benchmarks/results/demo_CPU.md.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def hf_tiny(hf_checkpoints):
     train and mutate. no_dropout=True zeroes every dropout probability in the HF config (for training parity)."""
     aliases = {"gpt2": "gpt2_lm", "bert": "bert_mlm"}
     zero = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0)
+                attn_pdrop=0.0, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
 
     def make(name, no_dropout=False):
         folder, model = hf_checkpoints[aliases.get(name, name)]

@@ -10,6 +10,13 @@ transformers = pytest.importorskip("transformers")
 
 BERT_KW = dict(vocab_size=101, hidden_size=45, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
                max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+# RoBERTa: pad id 1 (positions start at 2, so 66 rows hold 64 tokens); one token type.
+ROBERTA_KW = dict(vocab_size=89, hidden_size=42, num_hidden_layers=2, num_attention_heads=3, intermediate_size=31,
+                  max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+# DistilBERT: head_dim 13, ReLU-free GELU FFN of odd width.
+DISTILBERT_KW = dict(vocab_size=83, dim=39, n_layers=2, n_heads=3, hidden_dim=29, max_position_embeddings=64,
+                     pad_token_id=0)
 GPT2_KW = dict(vocab_size=97, n_embd=52, n_layer=2, n_head=4, n_inner=71, n_positions=64, bos_token_id=96,
                eos_token_id=96)
 
@@ -20,6 +27,14 @@ def bert_config(**kw):
 
 def gpt2_config(**kw):
     return transformers.GPT2Config(**{**GPT2_KW, **kw})
+
+
+def roberta_config(**kw):
+    return transformers.RobertaConfig(**{**ROBERTA_KW, **kw})
+
+
+def distilbert_config(**kw):
+    return transformers.DistilBertConfig(**{**DISTILBERT_KW, **kw})
 
 
 def make_hf_checkpoints(tmp_path_factory):
@@ -35,6 +50,14 @@ def make_hf_checkpoints(tmp_path_factory):
         "gpt2_base": (transformers.GPT2Model, gpt2_config()),
         "gpt2_seq": (transformers.GPT2ForSequenceClassification, gpt2_config(num_labels=4, pad_token_id=0)),
         "gpt2_tok": (transformers.GPT2ForTokenClassification, gpt2_config(num_labels=3)),
+        "roberta_base": (transformers.RobertaModel, roberta_config()),
+        "roberta_mlm": (transformers.RobertaForMaskedLM, roberta_config()),
+        "roberta_seq": (transformers.RobertaForSequenceClassification, roberta_config(num_labels=3)),
+        "roberta_tok": (transformers.RobertaForTokenClassification, roberta_config(num_labels=4)),
+        "distilbert_base": (transformers.DistilBertModel, distilbert_config()),
+        "distilbert_mlm": (transformers.DistilBertForMaskedLM, distilbert_config()),
+        "distilbert_seq": (transformers.DistilBertForSequenceClassification, distilbert_config(num_labels=3)),
+        "distilbert_tok": (transformers.DistilBertForTokenClassification, distilbert_config(num_labels=5)),
     }
     out = {}
     for name, (cls, config) in specs.items():

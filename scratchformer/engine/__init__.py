@@ -1,9 +1,12 @@
-"""scratchformer.engine: the models (BERT and GPT-2 families), built from parameters and tensor maths."""
+"""scratchformer.engine: the models, built from parameters and tensor maths.
+
+Reading order: transformer.py (the whole forward pass), heads.py, models.py (loading and saving), then
+families/ (what is particular to BERT, GPT-2, RoBERTa, DistilBERT) and fused.py (the kernels swapped in).
+"""
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, ModelConfig
-from .encoder import ModelOutput
-from .models import CausalLM, Encoder, MaskedLM, PreTrainedModel, SequenceClassifier, TokenClassifier
+from .models import CausalLM, Encoder, MaskedLM, ModelOutput, PreTrainedModel, SequenceClassifier, TokenClassifier
 
 __all__ = [
     "CausalLM",

@@ -9,26 +9,26 @@ import os
 
 from .checkpoint import CONFIG_NAME, resolve_folder
 from .config import ModelConfig
+from .families import FAMILIES, get_family
 from .models import CausalLM, Encoder, MaskedLM, SequenceClassifier, TokenClassifier
 
-MODEL_CLASSES = (Encoder, MaskedLM, CausalLM, SequenceClassifier, TokenClassifier)
+MODEL_CLASSES = {cls.__name__: cls for cls in (Encoder, MaskedLM, CausalLM, SequenceClassifier, TokenClassifier)}
 
-# HF architecture name -> our class, from each class's own `architectures` table.
-ARCHITECTURES = {hf: cls for cls in MODEL_CLASSES for hf in cls.architectures.values()}
-# Close relatives whose extra heads we do not have: the body and the heads we do have still load.
-ARCHITECTURES.update(BertForPreTraining=MaskedLM, BertLMHeadModel=MaskedLM)
+# HF architecture name -> our class, from every family's table; the aliases are close relatives whose extra
+# heads we do not have (BertForPreTraining): the body and the heads we do have still load.
+ARCHITECTURES = {}
+for family in FAMILIES.values():
+    ARCHITECTURES.update({hf: MODEL_CLASSES[ours] for ours, hf in family.architectures.items()})
+    ARCHITECTURES.update({hf: MODEL_CLASSES[ours] for hf, ours in family.architecture_aliases.items()})
 
 # PEFT's task_type -> our class (an adapter trained for a task fixes the head, whatever the base checkpoint was).
 TASK_CLASSES = {"SEQ_CLS": SequenceClassifier, "TOKEN_CLS": TokenClassifier, "CAUSAL_LM": CausalLM,
                 "FEATURE_EXTRACTION": Encoder}
 
-# With no `architectures` in config.json: the family's natural model.
-DEFAULT_CLASS = {"bert": Encoder, "gpt2": CausalLM}
-
 
 def auto_model_class(config: ModelConfig, task_type: str | None = None) -> type:
     """The class to load `config` as: PEFT `task_type` first (when given and known), then the first
-    `architectures` entry of config.json, then the family default (BERT: Encoder, GPT-2: CausalLM)."""
+    `architectures` entry of config.json, then the family's default (BERT: Encoder, GPT-2: CausalLM)."""
     if task_type in TASK_CLASSES:
         return TASK_CLASSES[task_type]
     architectures = config.extra.get("architectures") or []
@@ -39,7 +39,7 @@ def auto_model_class(config: ModelConfig, task_type: str | None = None) -> type:
         raise ValueError(
             f"architectures {architectures} name no model scratchformer has; supported: {sorted(ARCHITECTURES)}"
         )
-    return DEFAULT_CLASS[config.model_type]
+    return MODEL_CLASSES[get_family(config.model_type).default_model]
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

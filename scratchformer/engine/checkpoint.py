@@ -1,8 +1,8 @@
-"""Hugging Face safetensors checkpoints in and out: the name tables of both families, loading, saving.
+"""Hugging Face safetensors checkpoints in and out: loading and saving through each family's key table.
 
-A checkpoint key is `<HF module path>.<param>`. Our modules have their own, family-independent names, and this
-file holds the one table between the two. It is written per *module*, not per parameter, so the LoRA code can
-ask it for the HF module path of any of our Linear layers (PEFT's adapter keys use HF paths).
+A checkpoint key is `<HF module path>.<param>`. Our modules have their own, family-independent names; each family
+file (engine/families/) holds the table between the two. It is written per *module*, not per parameter, so the
+LoRA code can ask it for the HF module path of any of our Linear layers (PEFT's adapter keys use HF paths).
 
 Loading reads one tensor at a time straight into the model's (empty) parameters, so a checkpoint never sits
 in memory twice; everything is checked before the model is returned, so a bad file never yields a
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,68 +23,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from scratchformer.durable import write_file, write_text
+
+from .families import Family, get_family
+
 logger = logging.getLogger("scratchformer")
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-
-# The body's prefix inside head models (HF's `BertForX.bert`, `GPT2X.transformer`); absent in bare
-# BertModel / GPT2Model files, and absent in many hub files anyway. We accept both and write HF's choice.
-BODY_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
-
-# Our module path -> (HF module path, kind). `{i}` is the layer index. Kinds: "linear" (weight [out, in]),
-# "conv1d" (GPT-2's Conv1D, stored [in, out]: transposed on the way in and out), "norm", "embedding".
-BODY_MODULES = {
-    "bert": [
-        ("embeddings.word", "embeddings.word_embeddings", "embedding"),
-        ("embeddings.position", "embeddings.position_embeddings", "embedding"),
-        ("embeddings.token_type", "embeddings.token_type_embeddings", "embedding"),
-        ("embeddings.norm", "embeddings.LayerNorm", "norm"),
-        ("blocks.{i}.attn.query", "encoder.layer.{i}.attention.self.query", "linear"),
-        ("blocks.{i}.attn.key", "encoder.layer.{i}.attention.self.key", "linear"),
-        ("blocks.{i}.attn.value", "encoder.layer.{i}.attention.self.value", "linear"),
-        ("blocks.{i}.attn.out", "encoder.layer.{i}.attention.output.dense", "linear"),
-        ("blocks.{i}.ln_attn", "encoder.layer.{i}.attention.output.LayerNorm", "norm"),
-        ("blocks.{i}.mlp.up", "encoder.layer.{i}.intermediate.dense", "linear"),
-        ("blocks.{i}.mlp.down", "encoder.layer.{i}.output.dense", "linear"),
-        ("blocks.{i}.ln_mlp", "encoder.layer.{i}.output.LayerNorm", "norm"),
-        ("pooler.dense", "pooler.dense", "linear"),
-    ],
-    "gpt2": [
-        ("embeddings.word", "wte", "embedding"),
-        ("embeddings.position", "wpe", "embedding"),
-        ("blocks.{i}.attn.qkv", "h.{i}.attn.c_attn", "conv1d"),
-        ("blocks.{i}.attn.out", "h.{i}.attn.c_proj", "conv1d"),
-        ("blocks.{i}.ln_attn", "h.{i}.ln_1", "norm"),
-        ("blocks.{i}.mlp.up", "h.{i}.mlp.c_fc", "conv1d"),
-        ("blocks.{i}.mlp.down", "h.{i}.mlp.c_proj", "conv1d"),
-        ("blocks.{i}.ln_mlp", "h.{i}.ln_2", "norm"),
-        ("final_norm", "ln_f", "norm"),
-    ],
-}
-
-# Heads live outside the body prefix. Our path -> (HF path, kind); "param" is a bare tensor (the MLM bias).
-HEAD_MODULES = {
-    "bert": [
-        ("mlm_transform", "cls.predictions.transform.dense", "linear"),
-        ("mlm_norm", "cls.predictions.transform.LayerNorm", "norm"),
-        ("mlm_bias", "cls.predictions.bias", "param"),
-        ("lm_head", "cls.predictions.decoder", "linear"),  # only when the decoder is not tied
-        ("classifier", "classifier", "linear"),
-    ],
-    "gpt2": [
-        ("lm_head", "lm_head", "linear"),  # only when not tied to wte
-        ("score", "score", "linear"),
-        ("classifier", "classifier", "linear"),
-    ],
-}
-
-# Buffers and tied copies that real files carry and we rebuild or do not need.
-IGNORED_KEYS = re.compile(
-    r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)position_ids$|^cls\.predictions\.decoder\.(weight|bias)$|^lm_head\.weight$"
-)
-
 
 class CheckpointError(ValueError):
     """A checkpoint we cannot load; the message names the file and the key at fault."""
@@ -101,18 +47,33 @@ class LoadReport:
     mismatched: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
 
 
+def family_of(model) -> Family:
+    return get_family(model.config.model_type)
+
+
 def module_table(model) -> dict[str, tuple[str, str, bool]]:
-    """Our module path -> (HF module path, kind, in_body) for every mapped module that `model` has."""
-    family = model.config.model_type
+    """Our module path -> (HF module path, kind, in_body) for every mapped module that `model` has.
+
+    A "linear" or "conv1d" entry counts only where the model has a layer with a weight of its own there (the
+    same name may be a container in another head: RoBERTa's `classifier`).
+    """
+    family = family_of(model)
     table = {}
-    for ours, theirs, kind in BODY_MODULES[family]:
+    for ours, theirs, kind in family.body_keys:
         layers = range(model.config.num_layers) if "{i}" in ours else [None]
         for i in layers:
             table["body." + ours.format(i=i)] = (theirs.format(i=i), kind, True)
-    for ours, theirs, kind in HEAD_MODULES[family]:
+    for ours, theirs, kind in family.head_keys:
         table[ours] = (theirs, kind, False)
-    present = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
-    return {ours: entry for ours, entry in table.items() if ours in present}
+    modules = dict(model.named_modules())
+    params = {name for name, _ in model.named_parameters()}
+
+    def present(ours, kind):
+        if kind == "param":
+            return ours in params
+        return ours in modules and (kind not in ("linear", "conv1d") or hasattr(modules[ours], "in_features"))
+
+    return {ours: entry for ours, entry in table.items() if present(ours, entry[1])}
 
 
 def param_table(model) -> dict[str, tuple[str, bool, bool]]:
@@ -194,7 +155,9 @@ def match_keys(model, keys, prefix: str | None = None) -> KeyMatch:
     `keys` are the file's keys as stored; the returned `unexpected` and `ignored` lists use those spellings,
     `plan` and `missing` the normalised ones (body prefix stripped, legacy gamma/beta renamed).
     """
-    prefix = BODY_PREFIX[model.config.model_type] if prefix is None else prefix
+    family = family_of(model)
+    prefix = family.body_prefix if prefix is None else prefix
+    ignored = re.compile(family.ignored_keys)
     available = {_normalise(key, prefix): key for key in keys}
     match = KeyMatch()
     for name, (hf_key, transpose, in_body) in param_table(model).items():
@@ -207,7 +170,7 @@ def match_keys(model, keys, prefix: str | None = None) -> KeyMatch:
     used = {hf_key for _, hf_key, _ in match.plan}
     for norm, orig in sorted(available.items(), key=lambda item: item[1]):
         if norm not in used:
-            (match.ignored if IGNORED_KEYS.search(norm) else match.unexpected).append(orig)
+            (match.ignored if ignored.search(norm) else match.unexpected).append(orig)
     return match
 
 
@@ -223,8 +186,7 @@ def load_weights(model, folder: Path, ignore_mismatched_sizes: bool = False) -> 
     `ignore_mismatched_sizes=True` (HF's flag of the same name, for a head resized with `num_labels`) the
     parameter is left for the caller to initialise and listed in `LoadReport.mismatched`.
     """
-    family = model.config.model_type
-    prefix = BODY_PREFIX[family]
+    prefix = family_of(model).body_prefix
     files = weight_files(folder)
     available = {}  # normalised key -> (file, original key)
     for key, file in files.items():
@@ -289,7 +251,7 @@ def _reading(file: Path):
 
 def state_for_saving(model, with_prefix: bool) -> dict[str, torch.Tensor]:
     """HF-named tensors of `model`: Conv1D transposed back, tied weights left out (as HF does)."""
-    prefix = BODY_PREFIX[model.config.model_type] if with_prefix else ""
+    prefix = family_of(model).body_prefix if with_prefix else ""
     params = dict(model.named_parameters())
     out = {}
     for name, (hf_key, transpose, in_body) in param_table(model).items():
@@ -299,46 +261,14 @@ def state_for_saving(model, with_prefix: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync it, rename it over `path`, fsync the folder: a crash
-    (or a power cut) leaves the old file or the new one, never a half-written one or a name without data."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if os.name != "nt":  # Windows cannot open a folder to fsync it (NTFS journals renames)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model, path: str | os.PathLike, config_dict: dict, with_prefix: bool) -> Path:
     """Write `config.json` and `model.safetensors` (HF layout) into the folder `path`, each file atomically."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(state_for_saving(model, with_prefix), folder / WEIGHTS_NAME)
+    tensors = state_for_saving(model, with_prefix)
+    write_file(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     stale_index = folder / INDEX_NAME  # a sharded checkpoint saved here before would shadow the new file
     if stale_index.exists():
         stale_index.unlink()
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    write_text(folder / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     return folder

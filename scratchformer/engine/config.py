@@ -1,7 +1,9 @@
-"""`ModelConfig`: one dataclass for the BERT and GPT-2 families, read from and written to HF `config.json`.
+"""`ModelConfig`: one dataclass for every family, read from and written to Hugging Face's `config.json`.
 
-The two families differ only in the fields below (norm placement, activation, fused or separate QKV,
-token-type embeddings); the model code reads these fields and never asks "is this BERT?".
+The fields describe the model's shape (sizes, norm placement, causal or not, position scheme, head shapes), not
+its family: transformer.py and heads.py read these fields and never ask which family a model is. The family
+files (engine/families/) translate each family's config.json spelling to these fields and back, and give the
+value of every field a config leaves at None.
 """
 
 from __future__ import annotations
@@ -11,23 +13,27 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-SUPPORTED_MODEL_TYPES = ("bert", "gpt2")
-ACTIVATIONS = ("gelu", "gelu_new", "relu")  # gelu = exact erf form; gelu_new = tanh approximation
-ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "triton")
+from .backend import BACKENDS, check_backend
 
+ACTIVATIONS = ("gelu", "gelu_new", "relu")  # gelu = exact erf form; gelu_new = tanh approximation
 # HF spells the tanh GELU several ways; they are one function.
-_ACTIVATION_ALIASES = {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
+ACTIVATION_ALIASES = {"gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
+POSITION_SCHEMES = ("absolute", "after_padding")
+TOKEN_TYPES = ("table", "words", "none")
+SEQUENCE_HEADS = ("pooler", "first_token_tanh", "first_token_relu", "last_token")
 
 
 class ConfigError(ValueError):
-    """A config.json we cannot turn into a model; the message names the file and the field."""
+    """A config.json (or a ModelConfig) we cannot turn into a model; the message names the file and the field."""
 
 
 @dataclass
 class ModelConfig:
-    """Everything the engine needs to build a model of either family.
+    """Everything the engine needs to build a model.
 
-    Field names are ours; `from_hf_dict` / `to_hf_dict` translate to and from the HF spelling of each family.
+    Field names are ours; `from_hf_dict` / `to_hf_dict` translate to and from the family's spelling. A field
+    left at None takes the family's value (`defaults` in engine/families/<family>.py), so
+    `ModelConfig(model_type="gpt2", hidden_size=64, ...)` is a pre-LN causal model without naming either.
     Unknown HF fields are kept in `extra` so a load/save round trip loses nothing.
     """
 
@@ -38,15 +44,27 @@ class ModelConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     max_positions: int = 512
-    type_vocab_size: int = 2  # 0: no token-type embeddings (GPT-2)
-    norm_eps: float = 1e-12
-    activation: str = "gelu"
-    norm_placement: str = "post"  # "post": LN(x + f(x)) (BERT); "pre": x + f(LN(x)) and a final LN (GPT-2)
-    fused_qkv: bool = False  # one [3*hidden, hidden] projection (GPT-2 c_attn) or three (BERT query/key/value)
+    type_vocab_size: int | None = None  # rows of the token-type table (0: none)
+    norm_eps: float | None = None
+    activation: str | None = None
+    norm_placement: str | None = None  # "post": LN(x + f(x)) (BERT); "pre": x + f(LN(x)) and a final LN (GPT-2)
+    fused_qkv: bool | None = None  # one [3*hidden, hidden] projection (GPT-2 c_attn) or three (query/key/value)
+    causal: bool | None = None  # attend to the past only (decoders)
+    # "absolute": token i sits at position i (after any cached tokens); "after_padding": positions count the
+    # row's non-pad tokens and start at pad_token_id + 1, pad tokens sit at pad_token_id (RoBERTa)
+    position_scheme: str | None = None
+    # token_type_ids: "table": their own embedding table; "words": looked up in the word table (GPT-2);
+    # "none": the model takes no token types and ignores them
+    token_types: str | None = None
+    pooler: bool | None = None  # the bare encoder returns `tanh(dense(h[:, 0]))` as pooler_output
+    sequence_head: str | None = None  # the sequence classifier's shape, one of SEQUENCE_HEADS (see heads.py)
+    mlm_activation: str | None = None  # the MLM transform's activation; None: `activation`
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     embedding_dropout: float = 0.1
-    classifier_dropout: float | None = None  # None: use hidden_dropout, as HF does
+    attention_output_dropout: float | None = None  # on the attention projection's output; None: hidden_dropout
+    classifier_dropout: float | None = None  # None: hidden_dropout, as HF does
+    sequence_classifier_dropout: float | None = None  # the sequence head's own rate; None: classifier_dropout
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = None
@@ -54,25 +72,51 @@ class ModelConfig:
     num_labels: int = 2
     id2label: dict[int, str] | None = None
     initializer_range: float = 0.02
-    # Backend: auto | eager | sdpa | triton. "triton" (and "auto" on CUDA) also runs the fused LayerNorm,
-    # bias + GELU and linear cross-entropy kernels (engine/layers.py, use_fused_kernels).
-    attention: str = "auto"
+    # "auto" | "eager" | "sdpa" | "triton": the implementation of every op (engine/backend.py)
+    backend: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.activation = _ACTIVATION_ALIASES.get(self.activation, self.activation)
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"unknown model_type {self.model_type!r}: scratchformer supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation {self.activation!r}: expected one of {ACTIVATIONS}")
-        if self.norm_placement not in ("pre", "post"):
-            raise ConfigError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(f"unknown attention backend {self.attention!r}: expected one of {ATTENTION_BACKENDS}")
+        from .families import get_family  # the families import this module for ConfigError
+
+        family = get_family(self.model_type)
+        for name, value in family.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.activation = ACTIVATION_ALIASES.get(self.activation, self.activation)
+        if self.mlm_activation is None:
+            self.mlm_activation = self.activation
+        self.mlm_activation = ACTIVATION_ALIASES.get(self.mlm_activation, self.mlm_activation)
+        self._check()
+
+    def _check(self):
+        """Refuse values no model can be built from; the message names the field."""
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions",
+                     "num_labels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be at least 1 (a positive integer), got {value!r}")
+        for name, allowed in (("activation", ACTIVATIONS), ("mlm_activation", ACTIVATIONS),
+                              ("norm_placement", ("pre", "post")), ("position_scheme", POSITION_SCHEMES),
+                              ("token_types", TOKEN_TYPES), ("sequence_head", SEQUENCE_HEADS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}: expected one of {allowed}")
+        try:
+            self.backend = check_backend(self.backend)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        for name in ("hidden_dropout", "attention_dropout", "embedding_dropout", "attention_output_dropout",
+                     "classifier_dropout", "sequence_classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if self.token_types == "table" and self.type_vocab_size < 1:
+            raise ConfigError("token_types 'table' needs type_vocab_size >= 1")
+        if self.position_scheme == "after_padding" and self.pad_token_id is None:
+            raise ConfigError("position_scheme 'after_padding' counts positions after the pad token: pad_token_id "
+                              "must be set")
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
@@ -84,123 +128,54 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     @property
-    def causal(self) -> bool:
-        """GPT-2 attends to the past only; BERT attends everywhere."""
-        return self.model_type == "gpt2"
+    def position_offset(self) -> int:
+        """The first position a token takes: 0, or pad_token_id + 1 under the "after_padding" scheme."""
+        return self.pad_token_id + 1 if self.position_scheme == "after_padding" else 0
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table holds (max_positions less the positions padding reserves)."""
+        return self.max_positions - self.position_offset
 
     # ---- HF config.json --------------------------------------------------------------------------------
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
+        """A ModelConfig from a config.json dict; every field read is checked, errors name `source` and the field."""
+        from .families import get_family
+        from .families.family import HFFields
+
+        f = HFFields(d, source)
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"{source}: unknown model_type {model_type!r}; scratchformer supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        d = dict(d)
-        id2label = d.pop("id2label", None)
-        d.pop("label2id", None)
-        num_labels = d.pop("num_labels", None)
         try:
-            if model_type == "bert":
-                if d.get("position_embedding_type", "absolute") != "absolute":
-                    raise ConfigError(f"{source}: position_embedding_type {d['position_embedding_type']!r} is not supported")
-                known = dict(
-                    vocab_size=d.pop("vocab_size"),
-                    hidden_size=d.pop("hidden_size"),
-                    num_layers=d.pop("num_hidden_layers"),
-                    num_heads=d.pop("num_attention_heads"),
-                    intermediate_size=d.pop("intermediate_size"),
-                    max_positions=d.pop("max_position_embeddings", 512),
-                    type_vocab_size=d.pop("type_vocab_size", 2),
-                    norm_eps=d.pop("layer_norm_eps", 1e-12),
-                    activation=d.pop("hidden_act", "gelu"),
-                    norm_placement="post",
-                    fused_qkv=False,
-                    hidden_dropout=d.pop("hidden_dropout_prob", 0.1),
-                    attention_dropout=d.pop("attention_probs_dropout_prob", 0.1),
-                    embedding_dropout=d.get("hidden_dropout_prob", 0.1),
-                    classifier_dropout=d.pop("classifier_dropout", None),
-                    pad_token_id=d.pop("pad_token_id", 0),
-                )
-                d.pop("position_embedding_type", None)
-            else:
-                if d.get("scale_attn_by_inverse_layer_idx") or d.get("scale_attn_weights", True) is False:
-                    raise ConfigError(f"{source}: non-standard GPT-2 attention scaling is not supported")
-                hidden = d.pop("n_embd")
-                inner = d.pop("n_inner", None)
-                known = dict(
-                    vocab_size=d.pop("vocab_size"),
-                    hidden_size=hidden,
-                    num_layers=d.pop("n_layer"),
-                    num_heads=d.pop("n_head"),
-                    intermediate_size=inner if inner is not None else 4 * hidden,
-                    max_positions=d.pop("n_positions", 1024),
-                    type_vocab_size=0,
-                    norm_eps=d.pop("layer_norm_epsilon", 1e-5),
-                    activation=d.pop("activation_function", "gelu_new"),
-                    norm_placement="pre",
-                    fused_qkv=True,
-                    hidden_dropout=d.pop("resid_pdrop", 0.1),
-                    attention_dropout=d.pop("attn_pdrop", 0.1),
-                    embedding_dropout=d.pop("embd_pdrop", 0.1),
-                    classifier_dropout=d.pop("classifier_dropout", None),
-                    pad_token_id=d.pop("pad_token_id", None),
-                )
-                d.pop("scale_attn_weights", None)
-                d.pop("scale_attn_by_inverse_layer_idx", None)
-        except KeyError as err:
-            raise ConfigError(f"{source}: missing field {err.args[0]!r} for model_type {model_type!r}") from None
+            family = get_family(model_type)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        f.used.add("model_type")
+        known = family.read(f)
         known.update(
-            model_type=d.pop("model_type"),
-            tie_word_embeddings=d.pop("tie_word_embeddings", True),
-            bos_token_id=d.pop("bos_token_id", None),
-            eos_token_id=d.pop("eos_token_id", None),
-            initializer_range=d.pop("initializer_range", 0.02),
-            id2label=id2label,
+            tie_word_embeddings=f.bool("tie_word_embeddings", True),
+            bos_token_id=f.token_id("bos_token_id"),
+            eos_token_id=f.token_id("eos_token_id"),
+            initializer_range=f.float("initializer_range", 0.02),
+            **f.labels(),
         )
-        if num_labels is not None and id2label is None:
-            known["num_labels"] = num_labels
-        for volatile in ("transformers_version", "_name_or_path"):
-            d.pop(volatile, None)
-        return cls(**known, extra=d)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if known.get(key) is not None and known[key] >= known["vocab_size"]:
+                raise f.error(key, f"{known[key]} is not below vocab_size {known['vocab_size']}")
+        try:
+            return cls(model_type=model_type, **known, extra=f.rest())
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
     def to_hf_dict(self) -> dict:
+        from .families import get_family
+
         out = dict(self.extra)
-        if self.model_type == "bert":
-            out.update(
-                vocab_size=self.vocab_size,
-                hidden_size=self.hidden_size,
-                num_hidden_layers=self.num_layers,
-                num_attention_heads=self.num_heads,
-                intermediate_size=self.intermediate_size,
-                max_position_embeddings=self.max_positions,
-                type_vocab_size=self.type_vocab_size,
-                layer_norm_eps=self.norm_eps,
-                hidden_act=self.activation,
-                hidden_dropout_prob=self.hidden_dropout,
-                attention_probs_dropout_prob=self.attention_dropout,
-                position_embedding_type="absolute",
-            )
-        else:
-            out.update(
-                vocab_size=self.vocab_size,
-                n_embd=self.hidden_size,
-                n_layer=self.num_layers,
-                n_head=self.num_heads,
-                n_inner=self.intermediate_size,
-                n_positions=self.max_positions,
-                layer_norm_epsilon=self.norm_eps,
-                activation_function=self.activation,
-                resid_pdrop=self.hidden_dropout,
-                attn_pdrop=self.attention_dropout,
-                embd_pdrop=self.embedding_dropout,
-            )
+        out.update(get_family(self.model_type).write(self))
         out.update(
             model_type=self.model_type,
-            classifier_dropout=self.classifier_dropout,
             tie_word_embeddings=self.tie_word_embeddings,
-            pad_token_id=self.pad_token_id,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
             initializer_range=self.initializer_range,
@@ -218,6 +193,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: no such config file")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: invalid JSON ({err})") from None
         return cls.from_hf_dict(d, source=str(path))
@@ -225,8 +202,9 @@ class ModelConfig:
     def replace(self, **overrides) -> ModelConfig:
         """A copy with some fields changed (the `**overrides` of `from_pretrained`).
 
-        An explicit override always wins over what the file says. `num_labels` and `id2label` are tied
-        together, so they are resolved as transformers resolves them:
+        An explicit override always wins over what the file says. `attention=` is accepted as another name of
+        `backend=`. `num_labels` and `id2label` are tied together, so they are resolved as transformers
+        resolves them:
 
         - `num_labels=n` alone, when the file's `id2label` has another length: the label names cannot be kept,
           so `id2label` becomes HF's generic `{0: "LABEL_0", ..., n-1: "LABEL_{n-1}"}` (and `label2id` with it,
@@ -235,6 +213,8 @@ class ModelConfig:
         - `id2label=...` alone: `num_labels` follows its length.
         - both, disagreeing: a ConfigError naming both (there is no right answer to pick silently).
         """
+        if "attention" in overrides:
+            overrides["backend"] = overrides.pop("attention")
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -247,3 +227,6 @@ class ModelConfig:
             # __post_init__ would otherwise let the file's id2label overrule the explicit num_labels.
             values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         return ModelConfig(**values)
+
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "ConfigError", "ModelConfig"]

@@ -21,17 +21,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import BODY_PREFIX, CheckpointError, atomic_save_safetensors, atomic_write_text, module_table
-from .layers import Linear, kaiming_uniform_
+from scratchformer.durable import write_file, write_text
+
+from .backend import check_backend, uses_triton
+from .checkpoint import CheckpointError, family_of, module_table
 
 logger = logging.getLogger("scratchformer")
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-DEFAULT_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"]}  # PEFT's defaults for these families
 TASK_TYPES = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS", "CausalLM": "CAUSAL_LM",
               "Encoder": "FEATURE_EXTRACTION"}
 
@@ -91,12 +93,12 @@ class LoRALinear(nn.Module):
     """`y = x W^T + b + scaling * (dropout(x) A^T) B^T`. x `[..., in]` -> `[..., out]`.
 
     `weight` `[out, in]` and `bias` are the base layer's, frozen; `lora_A` `[r, in]` (kaiming-uniform, as PEFT)
-    and `lora_B` `[out, r]` (zeros, so a fresh adapter changes nothing) are trained. On CUDA the fused Triton
-    kernel computes it in one pass over the output; elsewhere the same maths runs in PyTorch, unless
-    `backend="triton"` asks for the kernel (the tests do, under Triton's interpreter).
+    and `lora_B` `[out, r]` (zeros, so a fresh adapter changes nothing) are trained. Where the backend
+    (engine/backend.py) runs Triton, the fused `lora_linear` kernel computes it in one pass over the output;
+    elsewhere the same maths runs in PyTorch.
     """
 
-    def __init__(self, base: Linear, r: int, scaling: float, dropout_p: float = 0.0, backend: str = "auto"):
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout_p: float = 0.0, backend: str = "auto"):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -108,19 +110,16 @@ class LoRALinear(nn.Module):
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        kaiming_uniform_(self.lora_A)
-        self.r, self.scaling, self.dropout_p, self.backend = r, scaling, dropout_p, backend
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as PEFT initialises A
+        self.r, self.scaling, self.dropout_p, self.backend = r, scaling, dropout_p, check_backend(backend)
         self.merged = False
         self.train(base.training)  # an eval-mode model stays in eval mode: no dropout sneaks in
-
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         p = self.dropout_p if self.training else 0.0
-        if self._use_kernel(x):
+        if uses_triton(self.backend, x):
             from scratchformer.kernels import lora_linear
 
             return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, dropout_p=p)
@@ -152,14 +151,14 @@ class LoRALinear(nn.Module):
 
 def hf_module_paths(model) -> dict[str, str]:
     """Our module path -> the module's path in the equivalent HF model (as PEFT names it), for Linear layers."""
-    prefix = BODY_PREFIX[model.config.model_type] if model.body_prefix_in_file else ""
+    prefix = family_of(model).body_prefix if model.body_prefix_in_file else ""
     return {ours: (prefix if in_body else "") + theirs
             for ours, (theirs, kind, in_body) in module_table(model).items() if kind in ("linear", "conv1d")}
 
 
 def hf_head_paths(model) -> dict[str, str]:
     """Our head module path -> HF path, for `modules_to_save` (classifier, score, ...)."""
-    prefix = BODY_PREFIX[model.config.model_type] if model.body_prefix_in_file else ""
+    prefix = family_of(model).body_prefix if model.body_prefix_in_file else ""
     return {ours: (prefix if in_body else "") + theirs for ours, (theirs, kind, in_body) in module_table(model).items()}
 
 
@@ -187,19 +186,21 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
-               use_rslora: bool = False, modules_to_save=None, backend: str = "auto", verbose: bool = False):
+               use_rslora: bool = False, modules_to_save=None, backend: str | None = None, verbose: bool = False):
     """Add LoRA adapters to `model` in place and freeze everything else; returns the model.
 
     target_modules: HF / PEFT module names (list: suffix match; str: regex full match); default as PEFT (BERT
-    `query` + `value`, GPT-2 `c_attn`). modules_to_save: HF names of modules trained in full (e.g. `classifier`).
+    `query` + `value`, GPT-2 `c_attn`; engine/families/). modules_to_save: HF names of modules trained in full
+    (e.g. `classifier`). backend: "auto" | "eager" | "sdpa" | "triton" (engine/backend.py); None: the model's.
     verbose: print the trainable / total parameter counts (PEFT's print_trainable_parameters line), else log
     them at INFO. `count_parameters(model)` returns them as numbers.
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters: load_adapter replaces them with a saved adapter; "
                          "for new ones start from a fresh model")
-    family = model.config.model_type
-    targets = DEFAULT_TARGETS[family] if target_modules is None else target_modules
+    family = family_of(model)
+    targets = list(family.lora_targets) if target_modules is None else target_modules
+    backend = check_backend(backend if backend is not None else model.config.backend)
     chosen = _target_paths(model, targets)
     if not chosen:
         names = sorted({theirs.rsplit(".", 1)[-1] for theirs in hf_module_paths(model).values()})
@@ -207,7 +208,7 @@ def apply_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targe
     config = LoRAConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=targets if isinstance(targets, str) else sorted(set(targets)),
                         use_rslora=use_rslora, modules_to_save=list(modules_to_save) if modules_to_save else None,
-                        fan_in_fan_out=family == "gpt2", task_type=TASK_TYPES.get(type(model).__name__),
+                        fan_in_fan_out=family.fan_in_fan_out, task_type=TASK_TYPES.get(model.model_class_name()),
                         base_model_name_or_path=getattr(model, "name_or_path", None))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -236,19 +237,28 @@ def _remove_lora(model) -> None:
         if m.merged:
             raise RuntimeError(f"{path}: unmerge the adapter before removing it")
         with torch.device("meta"):
-            base = Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            base = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         base.weight, base.bias = m.weight, m.bias
         base.train(m.training)  # a fresh module is in training mode; LoRA applied on it again inherits this
         _set(model, path, base)
 
 
-def _modules_to_save(model, names) -> list[str]:
-    heads = hf_head_paths(model)
-    out = []
-    for name in names:
-        found = [ours for ours, theirs in heads.items() if theirs == name or theirs.endswith("." + name)]
-        # A module_to_save that this head does not have (PEFT lists both `classifier` and `score`) is skipped.
-        out += found
+def _modules_to_save(model, names) -> dict[str, str]:
+    """Our module path -> HF path of the head modules PEFT's `modules_to_save` names select.
+
+    PEFT's rule: a module is selected when its HF path ends with the name, as a plain string (so `classifier`
+    also selects DistilBERT's `pre_classifier`). The module may be a container of mapped layers (RoBERTa's
+    `classifier` holds `dense` and `out_proj`); the outermost match is the one trained in full. A name this
+    head does not have is skipped (PEFT lists both `classifier` and `score` for any sequence classifier).
+    """
+    out = {}
+    for ours, theirs in hf_head_paths(model).items():
+        parts = theirs.split(".")
+        for end in range(1, len(parts) + 1):  # the module itself and each module it sits in, outermost first
+            inside = "".join("." + part for part in parts[end:])  # the layer's path below that module
+            if any(".".join(parts[:end]).endswith(name) for name in names) and ours.endswith(inside):
+                out[ours[:len(ours) - len(inside)]] = theirs[:len(theirs) - len(inside)]
+                break
     return out
 
 
@@ -297,17 +307,16 @@ def save_adapter(model, path: str | os.PathLike) -> Path:
         key = PEFT_PREFIX + paths[ours]
         tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{key}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
-    heads = hf_head_paths(model)
-    for ours in _modules_to_save(model, model.lora_config.modules_to_save or []):
+    for ours, theirs in _modules_to_save(model, model.lora_config.modules_to_save or []).items():
         for pname, p in _get(model, ours).named_parameters():
-            tensors[f"{PEFT_PREFIX}{heads[ours]}.{pname}"] = p.detach().contiguous().cpu()
+            tensors[f"{PEFT_PREFIX}{theirs}.{pname}"] = p.detach().contiguous().cpu()
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_file(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = model.lora_config.to_peft_dict()
     # As PEFT: an adapter that does not know its base yet records the folder the model was loaded from.
     config["base_model_name_or_path"] = config["base_model_name_or_path"] or getattr(model, "name_or_path", None)
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
 
@@ -344,7 +353,7 @@ def load_adapter(model, path: str | os.PathLike, backend: str | None = None):
     - alpha, rsLoRA and dropout are the file's: every module's `scaling` and `dropout_p` follow them.
     - a merged model is unmerged first (the old update leaves the base weights) and merged again with the new
       adapter, so it stays merged and a later `unmerge_lora` restores the base weights.
-    backend: "auto" | "torch" | "triton" for the LoRA modules; None keeps the model's (else "auto").
+    backend: "auto" | "eager" | "sdpa" | "triton" for the LoRA modules; None keeps the adapter's, else the model's.
 
     Everything is checked before anything changes: an adapter whose tensors do not fit the model raises
     CheckpointError naming the module and both shapes, and leaves the model as it was.
@@ -359,7 +368,7 @@ def load_adapter(model, path: str | os.PathLike, backend: str | None = None):
     modules = lora_modules(model)
     was_merged = any(m.merged for m in modules.values())
     unmerge_lora(model)
-    backend = backend or next((m.backend for m in modules.values()), "auto")
+    backend = check_backend(backend or next((m.backend for m in modules.values()), model.config.backend))
     old = getattr(model, "lora_config", None)
     saved_before = _modules_to_save(model, old.modules_to_save or []) if old is not None else []
     same_shape = (set(modules) == set(targets) and all(m.r == config.r for m in modules.values())
@@ -382,7 +391,7 @@ def load_adapter(model, path: str | os.PathLike, backend: str | None = None):
 
 
 def _targets_of(model, config: LoRAConfig):
-    return DEFAULT_TARGETS[model.config.model_type] if config.target_modules is None else config.target_modules
+    return list(family_of(model).lora_targets) if config.target_modules is None else config.target_modules
 
 
 def _checked_adapter_tensors(model, config: LoRAConfig, targets: dict[str, str], folder: Path):
@@ -398,7 +407,7 @@ def _checked_adapter_tensors(model, config: LoRAConfig, targets: dict[str, str],
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
-    prefix = BODY_PREFIX[model.config.model_type]
+    prefix = family_of(model).body_prefix
 
     def normalise(key):  # PEFT keys name the HF module; accept files made on a model with or without the body prefix
         return key.removeprefix(PEFT_PREFIX).replace(".default.", ".").removeprefix(prefix)

@@ -2,26 +2,27 @@
 
     merge_adapter("path/to/base", "path/to/adapter", "path/to/merged")
 
-The folder is written atomically: everything goes to a temporary folder next to the target, which is renamed
-into place at the end, so an interrupted merge never leaves a half-written checkpoint where one is expected.
+The folder is written durably (scratchformer.durable.write_folder): everything goes to a temporary folder next
+to the target, which takes its name at the end, so an interrupted merge never leaves a half-written checkpoint
+where one is expected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from scratchformer.durable import write_folder
+
 from .auto import auto_model_class, read_config
-from .checkpoint import CheckpointError, weight_files
-from .lora import ADAPTER_WEIGHTS, _modules_to_save, load_adapter, merge_lora, read_adapter_config
+from .checkpoint import CheckpointError, param_table, weight_files
+from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX, _modules_to_save, load_adapter, merge_lora, read_adapter_config
 from .models import SequenceClassifier, TokenClassifier, _dtype
 from .models import logger as models_logger
 
@@ -42,16 +43,33 @@ class MergeReport:
     new_head: list[str]  # head parameters neither the base nor the adapter had (randomly initialised)
 
 
-def _head_labels(adapter_file: Path) -> int | None:
-    """The label count of a classifier head the adapter saves in full (modules_to_save), else None."""
+def _head_labels(adapter_file: Path, cls, config) -> int | None:
+    """The label count of a classifier head the adapter saves in full (modules_to_save), else None.
+
+    The head's label layer is found by building the model twice on the meta device (no memory), with one and
+    with two labels: the layer whose weight changes shape is the one whose rows are the labels.
+    """
+    shapes = []
+    for n in (1, 2):
+        with torch.device("meta"):
+            probe = cls(config.replace(num_labels=n, id2label=None))
+        shapes.append({key: list(shape) for key, shape in _saved_shapes(probe).items()})
+    label_keys = [key for key in shapes[0] if shapes[0][key] != shapes[1].get(key)]
     try:
         with safe_open(adapter_file, framework="pt") as f:
             for key in f.keys():
-                if key.endswith(("classifier.weight", "score.weight")) and ".lora_" not in key:
+                name = key.removeprefix(PEFT_PREFIX)
+                if ".lora_" not in key and any(name == k or name.endswith("." + k) for k in label_keys):
                     return f.get_slice(key).get_shape()[0]
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{adapter_file}: not a readable safetensors file ({err})") from None
     return None
+
+
+def _saved_shapes(model) -> dict:
+    """HF key (without the body prefix) -> shape, of every weight `model` would save."""
+    params = dict(model.named_parameters())
+    return {hf_key: params[name].shape for name, (hf_key, _, _) in param_table(model).items()}
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:
@@ -89,8 +107,8 @@ def merge_adapter(model_path, adapter_path, out, *, force: bool = False, dtype=N
         raise CheckpointError(f"{adapter_path}: no such adapter folder")
     cls = auto_model_class(config, adapter.task_type)
     overrides = {}
-    labels = _head_labels(adapter_path / ADAPTER_WEIGHTS)
-    if cls in (SequenceClassifier, TokenClassifier) and labels is not None and labels != config.num_labels:
+    labels = _head_labels(adapter_path / ADAPTER_WEIGHTS, cls, config) if cls in (SequenceClassifier, TokenClassifier) else None
+    if labels is not None and labels != config.num_labels:
         overrides["num_labels"] = labels  # a head trained in full on a base saved without one
     target_dtype = _dtype(dtype) if dtype is not None else _stored_dtype(model_path)
     # A head the adapter saves in full (modules_to_save) is "new" to the base checkpoint, but load_adapter
@@ -108,24 +126,20 @@ def merge_adapter(model_path, adapter_path, out, *, force: bool = False, dtype=N
     n_modules = sum(1 for m in merged.modules() if getattr(m, "merged", False))
     merged = merged.to(target_dtype)  # the adapted modules stay LoRALinear, merged: they save as plain weights
 
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        merged.save_pretrained(tmp)
-        copied = []
+    copied = []
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
         for name in COMPANION_FILES:
             if (model_path / name).is_file():
-                shutil.copy2(model_path / name, tmp / name)
+                shutil.copy2(model_path / name, folder / name)
                 copied.append(name)
         for name in COMPANION_FOLDERS:
             if (model_path / name).is_dir():
-                shutil.copytree(model_path / name, tmp / name)
+                shutil.copytree(model_path / name, folder / name)
                 copied.append(name + "/")
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(out.resolve(), write)
     return MergeReport(out, cls.__name__, target_dtype, n_modules, copied, new_head)
 
 
@@ -142,19 +156,3 @@ def _quiet(log: logging.Logger):
         yield
     finally:
         log.removeFilter(keep)
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` at `out`: a rename, after moving an old `out` aside (removed afterwards)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)  # put the previous folder back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

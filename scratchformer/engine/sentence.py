@@ -53,15 +53,15 @@ class SentenceEncoder:
         self.encoder, self.tokenizer, self.pooling, self.max_length = encoder, tokenizer, pooling, max_length
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, attention="auto") -> SentenceEncoder:
+    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None, attention=None) -> SentenceEncoder:
         folder = Path(path)
-        encoder = Encoder.from_pretrained(folder, dtype=dtype, device=device, attention=attention)
+        encoder = Encoder.from_pretrained(folder, dtype=dtype, device=device, backend=backend, attention=attention)
         tokenizer = Tokenizer.from_pretrained(folder)
         max_length = None
         st_config = folder / "sentence_bert_config.json"
         if st_config.is_file():
             max_length = json.loads(st_config.read_text(encoding="utf-8")).get("max_seq_length")
-        return cls(encoder, tokenizer, _read_pooling_mode(folder), max_length or encoder.config.max_positions)
+        return cls(encoder, tokenizer, _read_pooling_mode(folder), max_length or encoder.config.max_length)
 
     @torch.no_grad()
     def encode(self, texts: str | list[str], batch_size: int = 32, normalize: bool = True) -> torch.Tensor:

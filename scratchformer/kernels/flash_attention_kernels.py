@@ -638,7 +638,7 @@ def _dropout_mask_kernel(
     pid_n = pid % blocks_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(DropoutSeed), dropout_offset, pid_bh, seq_q, seq_k, offs_m[:, None],
+    keep = _dropout_keep(load_dropout_seed(DropoutSeed), dropout_offset, pid_bh, seq_q, seq_k, offs_m[:, None],
                          offs_n[None, :], dropout_p)
     ptrs = Mask + (pid_bh.to(tl.int64) * seq_q + offs_m[:, None]) * seq_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k))

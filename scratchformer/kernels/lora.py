@@ -223,7 +223,7 @@ register_autocast_rule(lora_linear_forward, "lower_precision")
 
 
 # --------------------------------------------------------------------------------------------------------
-# Public op
+# The public function
 # --------------------------------------------------------------------------------------------------------
 def _check(x, weight, bias, lora_a, lora_b, dropout_p):
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):

@@ -219,7 +219,7 @@ def _lora_matmul_kernel(
             up = up.to(tl.float32)
         low_rank = _dot(lo, up, low_rank, ALLOW_TF32)
     if DROPOUT:
-        acc += low_rank * _dropout_scale(tl.load(seed_ptr), rows, cols, N, dropout_p)
+        acc += low_rank * _dropout_scale(load_dropout_seed(seed_ptr), rows, cols, N, dropout_p)
     else:
         acc = low_rank
     if HAS_BIAS:
@@ -279,6 +279,6 @@ def _dropout_mask_kernel(out_ptr, M, K, dropout_p, seed_ptr, BLOCK_M: tl.constex
     (tests/debugging)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    keep = _dropout_scale(tl.load(seed_ptr), rows, cols, K, dropout_p) > 0.0
+    keep = _dropout_scale(load_dropout_seed(seed_ptr), rows, cols, K, dropout_p) > 0.0
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows < M)[:, None] & (cols < K)[None, :])

@@ -39,8 +39,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from scratchformer.durable import write_text
 from scratchformer.tokenize.readers import iter_documents
-from scratchformer.tokenize.tokenizer import Tokenizer, _atomic_write
+from scratchformer.tokenize.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 
@@ -144,7 +145,7 @@ def _commit(out: Path, writers: dict[str, _SplitWriter], common: dict[str, Any],
     headers = {}
     for name, w in writers.items():
         headers[name] = w.header(common)
-        _atomic_write(w.header_path, json.dumps(headers[name], indent=2))
+        write_text(w.header_path, json.dumps(headers[name], indent=2))
     return headers
 
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _RustTokenizer
+
+from scratchformer.durable import write_text
 
 # The special-token roles a tokenizer can have, as `<role>_token` in tokenizer_config.json.
 SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
@@ -296,8 +297,8 @@ class Tokenizer:
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write `tokenizer.json` and `tokenizer_config.json` to folder `path` (created if needed).
 
-        Each file is written to a temporary file in the same folder and renamed into place, so a crash
-        never leaves a half-written file behind. transformers' AutoTokenizer loads the result.
+        Each file is written durably (scratchformer.durable), so a crash never leaves a half-written file
+        behind. transformers' AutoTokenizer loads the result.
         """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -309,8 +310,8 @@ class Tokenizer:
             "padding_side": self.padding_side,
             "model_input_names": self.model_input_names,
         }
-        _atomic_write(folder / "tokenizer.json", self._tk.to_str(pretty=True))
-        _atomic_write(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_text(folder / "tokenizer.json", self._tk.to_str(pretty=True))
+        write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         return folder
 
     # ------------------------------------------------------------------ encoding
@@ -561,21 +562,6 @@ def _guess_specials(rust: _RustTokenizer) -> dict[str, str | None]:
     }
     added = {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
     return {role: next((t for t in names if t in added), None) for role, names in known.items()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and an atomic rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_single(text: Any, is_split_into_words: bool) -> bool:

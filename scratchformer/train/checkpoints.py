@@ -11,23 +11,21 @@ under a real name. The final model folder and run.json are written the same way.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scratchformer.engine.checkpoint import atomic_write_text, load_weights
+from scratchformer.durable import REPLACED_SUFFIX, TMP_PREFIX, restore_replaced, write_folder  # noqa: F401 (REPLACED_SUFFIX: part of the run-folder layout)
+from scratchformer.engine.checkpoint import load_weights
 from scratchformer.engine.lora import load_adapter, lora_modules, save_adapter
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_NAME = "trainer_state.pt"
 INFO_NAME = "info.json"
-TMP_PREFIX = ".tmp-"  # what is being written in a run folder; never a checkpoint, removed when stale
 
 
 def seed_everything(seed: int) -> None:
@@ -65,20 +63,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-REPLACED_SUFFIX = "-replaced"  # an older folder moved aside while its replacement takes its name
-
-
-def restore_replaced(out: Path) -> None:
-    """Put back a folder that `write_folder_atomically` moved aside when the run died before the new one took
-    its name (`.tmp-<name>-<random>-replaced` with no `<name>`): the previous checkpoint or final/ is whole."""
-    if not out.is_dir():
-        return
-    for p in out.glob(f"{TMP_PREFIX}*{REPLACED_SUFFIX}"):
-        name = p.name[len(TMP_PREFIX):-len(REPLACED_SUFFIX)].rsplit("-", 1)[0]  # mkdtemp's part has no "-"
-        if p.is_dir() and name and not (out / name).exists():
-            p.rename(out / name)
-
-
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint in the run folder, oldest first (after restore_replaced)."""
     if not out.is_dir():
@@ -107,54 +91,9 @@ def save_checkpoint(out: Path, step: int, model, state: dict, info: dict, tokeni
         torch.save(state, folder / STATE_NAME)
         (folder / INFO_NAME).write_text(json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
 
-    write_folder_atomically(final, write)
+    write_folder(final, write)
     _rotate(out, keep_last, best_metric, best_mode)
     return final
-
-
-def write_folder_atomically(final: Path, write) -> None:
-    """`write(folder)` into a hidden temporary folder next to `final`, then rename it to `final` (replacing an
-    older one: the same step saved again by a resumed run, or final/ of a run continued past its end).
-
-    The files and the folder are fsynced before the rename and the parent after it: a rename alone orders
-    nothing on disk, so after a power cut the new name could point at files whose data never got there.
-    """
-    out = final.parent
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f"{TMP_PREFIX}{final.name}-"))
-    replaced = None
-    try:
-        write(tmp)
-        _fsync_tree(tmp)  # the data is on the disk before the rename makes it visible
-        if final.exists():  # moved aside first; a crash before the next rename leaves it for restore_replaced
-            replaced = tmp.with_name(tmp.name + REPLACED_SUFFIX)
-            final.rename(replaced)
-        tmp.rename(final)
-        _fsync(out)  # and the rename itself
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if replaced is not None and replaced.exists() and not final.exists():
-            replaced.rename(final)  # the new folder never arrived: the old one keeps its name
-        raise
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        _fsync(p)
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk."""
-    if path.is_dir() and os.name == "nt":  # Windows cannot open a folder to fsync it (NTFS journals renames)
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_model_folder(model, folder: Path, tokenizer=None) -> None:

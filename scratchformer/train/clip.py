@@ -15,19 +15,15 @@ extra pass over the gradients.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from scratchformer.engine.backend import resolve_backend
 from scratchformer.kernels.adamw import multi_tensor_norm
 
 
 def _use_triton(device: torch.device, backend: str) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    return backend == "triton"
+    return resolve_backend(backend, device, interpreted=True) == "triton"
 
 
 @torch.no_grad()

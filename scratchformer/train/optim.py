@@ -7,10 +7,11 @@
     # skipped (state untouched) when any gradient is inf/NaN, decided on the device (no host sync):
     (loss * scale).backward(); opt.step(grad_scale=scale); skipped = opt.found_inf  # device tensor
 
-Backends (`backend=`): "triton" runs `scratchformer.kernels.adamw.fused_adamw_` (CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1); "torch" runs `torch._fused_adamw_`, PyTorch's fused kernel, which on a
-CPU is several times faster than its foreach path; "auto" (default) picks Triton for CUDA parameters or
-when the interpreter is on, torch otherwise. Both keep the same state, so a state_dict moves between them.
+Backends (`backend=`, the engine's vocabulary: engine/backend.py): "triton" runs
+`scratchformer.kernels.adamw.fused_adamw_` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); "eager"
+and "sdpa" (or "torch") run `torch._fused_adamw_`, PyTorch's fused kernel, which on a CPU is several times
+faster than its foreach path; "auto" (default) picks Triton for CUDA parameters or when the interpreter is
+on, torch otherwise. Both keep the same state, so a state_dict moves between them.
 
 State per parameter is torch's: `step` (float32 0-dim tensor on the parameter's device, as torch's fused
 AdamW keeps it), `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` (amsgrad), plus `master_param` (fp32 copy of a
@@ -27,9 +28,9 @@ from itertools import chain
 
 import torch
 
+from scratchformer.engine.backend import check_backend, resolve_backend
 from scratchformer.kernels.adamw import fused_adamw_, nonfinite_check_
 
-_BACKENDS = ("auto", "triton", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -40,7 +41,7 @@ class AdamW(torch.optim.Optimizer):
     maximize). lr: a float, or a one-element fp32 tensor on the parameters' device (read there at every step;
     groups given none share it). master_weights: keep fp32 master copies (and fp32 moments) of bf16/fp16
     parameters; the update happens in fp32 and the parameter receives the rounded master in the same pass.
-    fp32 parameters are unaffected. backend: "auto" | "triton" | "torch" (see the module docstring).
+    fp32 parameters are unaffected. backend: "auto" | "eager" | "sdpa" | "triton" (see the module docstring).
     """
 
     def __init__(
@@ -67,8 +68,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        backend = check_backend(backend, "AdamW backend")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         super().__init__(params, defaults)
@@ -78,15 +78,10 @@ class AdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------------
     def _backend_for(self, device: torch.device) -> str:
-        if self.backend != "auto":
-            if self.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(
-                    f"backend='triton' needs CUDA parameters or TRITON_INTERPRET=1; parameters are on {device}"
-                )
-            return self.backend
-        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            return "triton"
-        return "torch"
+        """"triton" (our kernel) or "torch" (PyTorch's fused kernel) for parameters on `device`."""
+        if self.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA parameters or TRITON_INTERPRET=1; parameters are on {device}")
+        return "triton" if resolve_backend(self.backend, device, interpreted=True) == "triton" else "torch"
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]

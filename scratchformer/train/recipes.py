@@ -54,8 +54,8 @@ def pretrain(task: str, data, model: str, config: TrainConfig, tokenizer=None, b
     seed_everything(config.seed)  # before the model's weights are drawn, so --seed fixes them
     tok = find_tokenizer(tokenizer, data, model if Path(model).is_dir() else None)
     net = load_model(PRETRAIN_TASKS[task], model, tok)
-    if block_size > net.config.max_positions:
-        raise ValueError(f"--block-size {block_size} exceeds the model's max_positions {net.config.max_positions}")
+    if block_size > net.config.max_length:
+        raise ValueError(f"--block-size {block_size} exceeds the model's {net.config.max_length} positions")
     train, val = pretrain_data(task, data, tok, batch_size=config.batch_size, block_size=block_size,
                                seed=config.seed, eval_batches=eval_batches)
     trainer = Trainer(net, config, train_data=train, eval_data=val, eval_fn=evaluate_lm, tokenizer=tok,

@@ -15,6 +15,7 @@ import torch
 
 from scratchformer.engine import CausalLM, MaskedLM, ModelConfig, SequenceClassifier, TokenClassifier
 from scratchformer.engine.config import ConfigError
+from scratchformer.engine.families import presets
 from scratchformer.tokenize import (
     ExampleLoader,
     MLMCollator,
@@ -33,30 +34,17 @@ from .metrics import accuracy, check_tags, entity_f1, macro_f1
 PRETRAIN_TASKS = {"mlm": MaskedLM, "causal": CausalLM}
 FINETUNE_TASKS = {"classify": SequenceClassifier, "ner": TokenClassifier, "sft": CausalLM}
 
-# Named model shapes. The tiny ones train in seconds on a CPU; the others are the real BERT-base / GPT-2-small.
-PRESETS = {
-    "gpt2-tiny": dict(model_type="gpt2", hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, max_positions=256),
-    "bert-tiny": dict(model_type="bert", hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, max_positions=512),
-    "gpt2": dict(model_type="gpt2", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_positions=1024),
-    "bert-base": dict(model_type="bert", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_positions=512),
-}
-_FAMILY_DEFAULTS = {
-    "gpt2": dict(norm_placement="pre", fused_qkv=True, activation="gelu_new", norm_eps=1e-5, type_vocab_size=0),
-    "bert": dict(norm_placement="post", fused_qkv=False, activation="gelu", norm_eps=1e-12, type_vocab_size=2),
-}
+# Named model shapes, from every family (engine/families/): name -> (family, sizes). The tiny ones train in
+# seconds on a CPU; the others are the real BERT-base / GPT-2-small.
+PRESETS = presets()
 
 
 def preset_config(name: str, tokenizer: Tokenizer, **overrides) -> ModelConfig:
-    """A ModelConfig for a named preset, sized to the tokenizer's vocabulary and special tokens."""
-    shape = PRESETS[name]
-    family = shape["model_type"]
-    fields = {**_FAMILY_DEFAULTS[family], **shape, "vocab_size": len(tokenizer)}
-    if family == "gpt2":
-        fields.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    else:
-        fields.update(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    return ModelConfig(**{**fields, **overrides})
+    """A ModelConfig for a named preset, sized to the tokenizer's vocabulary, with the family's special-token ids
+    taken from the tokenizer."""
+    family, shape = PRESETS[name]
+    fields = {**shape, "vocab_size": len(tokenizer), **family.token_ids(tokenizer)}
+    return ModelConfig(model_type=family.model_type, **{**fields, **overrides})
 
 
 def load_model(cls, spec: str, tokenizer: Tokenizer | None = None, **overrides):

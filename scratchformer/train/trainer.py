@@ -49,10 +49,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scratchformer.engine.checkpoint import atomic_write_text
+from scratchformer.durable import write_folder, write_text
 
 from .checkpoints import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_model_folder,
-                          seed_everything, set_rng_state, write_folder_atomically)
+                          seed_everything, set_rng_state)
 from .clip import clip_divisor, clip_grad_norm_
 from .config import TrainConfig
 from .cuda_graph import CapturedStep
@@ -63,7 +63,7 @@ from .optim import AdamW
 from .schedules import DeviceSchedule
 
 # Parameters that get no weight decay: biases, LayerNorm scales/shifts, embeddings (nanoGPT's and HF's rule).
-NO_DECAY_MARKERS = ("bias", "norm", "ln_", "embeddings.", "mlm_bias")
+NO_DECAY_MARKERS = ("bias", "norm", "ln_", "embeddings.")
 
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -230,7 +230,7 @@ class Trainer:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        atomic_write_text(path, "".join(kept))
+        write_text(path, "".join(kept))
 
     def save(self, metrics: dict | None = None) -> None:
         if self.dist.is_main:
@@ -271,7 +271,7 @@ class Trainer:
         if resume:
             self._resume()
         elif self.dist.is_main:
-            atomic_write_text(self.out / "run.json", json.dumps(
+            write_text(self.out / "run.json", json.dumps(
                 {"train_config": config.to_dict(), **self.extra_info}, indent=2, default=str) + "\n")
         batches = self._batches()
         if not self.data_has_position:  # a plain iterable: skip what this rank consumed before the checkpoint
@@ -294,7 +294,7 @@ class Trainer:
                     raise self._interrupted()
         progress.close()
         if self.step == config.max_steps and self.dist.is_main:
-            write_folder_atomically(self.out / "final",
+            write_folder(self.out / "final",
                                     lambda folder: save_model_folder(self.model, folder, self.tokenizer))
         self.dist.barrier()
         return self.history
@@ -424,7 +424,7 @@ class Trainer:
         return record
 
     def _seq_len(self) -> int:
-        return getattr(self.data, "block_size", None) or self.model.config.max_positions
+        return getattr(self.data, "block_size", None) or self.model.config.max_length
 
     def evaluate(self) -> dict:
         self.model.eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scratchformer.engine import CausalLM, CheckpointError, ConfigError, Encoder, MaskedLM, ModelConfig
-from scratchformer.engine.attention import attend
+from scratchformer.engine.fused import attend
 
 from .conftest import max_rel_err, padded_batch
 

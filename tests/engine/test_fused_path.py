@@ -48,12 +48,12 @@ def make_pair(family, device, seed=0, **overrides):
     cls, config = FAMILIES[family]
     config = config.replace(**overrides)
     torch.manual_seed(seed)
-    eager = cls.from_config(config.replace(attention="eager"), device=device)
+    eager = cls.from_config(config.replace(backend="eager"), device=device)
     with torch.no_grad():
         for p in eager.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    fused = cls(config.replace(attention="triton")).to(device)
+    fused = cls(config.replace(backend="triton")).to(device)
     fused.load_state_dict(eager.state_dict())
     return eager.train(), fused.train()
 
@@ -157,11 +157,11 @@ def test_bfloat16_model_on_the_triton_path(device, family):
     for model in (plain, fused):
         got, grads = loss_and_grads(model.to(torch.bfloat16).train(), batch)
         assert got.loss.dtype == torch.float32
-        assert max_rel_err(got.loss, want.loss) <= 5e-3, model.config.attention
+        assert max_rel_err(got.loss, want.loss) <= 5e-3, model.config.backend
         for name, g in grads.items():
             assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), name
             if not name.endswith("key.bias"):  # its true gradient is 0 (see above)
-                assert max_rel_err(g, want_grads[name]) <= 0.1, (model.config.attention, name)
+                assert max_rel_err(g, want_grads[name]) <= 0.1, (model.config.backend, name)
 
 
 def test_gradient_checkpointing_and_lora_on_the_ffn(device):
@@ -201,7 +201,7 @@ def test_training_curves_match(device, family):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             curve.append(loss.item())
-        curves[model.config.attention] = torch.tensor(curve, dtype=torch.float64)
+        curves[model.config.backend] = torch.tensor(curve, dtype=torch.float64)
     eager, fused = curves["eager"], curves["triton"]
     assert eager[-1] < eager[0]  # it learns: the comparison is not between two flat lines
     assert ((fused - eager).abs() / eager.abs()).max() <= CURVE_TOL

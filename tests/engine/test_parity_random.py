@@ -7,7 +7,7 @@ import torch
 
 from scratchformer.engine import (CausalLM, CheckpointError, ConfigError, Encoder, MaskedLM, ModelConfig,
                                   SequenceClassifier, TokenClassifier)
-from scratchformer.engine.checkpoint import BODY_PREFIX, param_table
+from scratchformer.engine.checkpoint import family_of, param_table
 
 from .conftest import max_rel_err, padded_batch
 
@@ -117,7 +117,7 @@ def test_gradients_match_hf(hf_tiny, name, ours_cls, attention):
     ours(ids, attention_mask=mask, token_type_ids=types, labels=labels).loss.backward()
     hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss.backward()
 
-    prefix = BODY_PREFIX[ours.config.model_type]
+    prefix = family_of(ours).body_prefix
     ours_params, hf_params = dict(ours.named_parameters()), dict(hf.named_parameters())
     table = param_table(ours)
     hf_names = {(prefix if in_body else "") + key: ours_name for ours_name, (key, _, in_body) in table.items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from scratchformer.engine import CausalLM, Encoder, MaskedLM, SequenceClassifier, TokenClassifier
-from scratchformer.engine.attention import attention_probabilities
+from scratchformer.engine.attention_map import attention_probabilities
 from scratchformer.engine.auto import auto_model_class, load_model, read_config
 from scratchformer.engine.inspect import inspect_checkpoint
 from tests.tiny_checkpoints import max_rel_err, padded_batch

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from scratchformer.kernels.adamw import adamw_reference_, fused_adamw_, multi_tensor_norm, nonfinite_check_
+from scratchformer.kernels.adamw import fused_adamw_, multi_tensor_norm, nonfinite_check_
+from scratchformer.kernels.adamw_reference import adamw_reference_
 
 SHAPES = [(37, 5), (1000,), (3,), (2, 129)]
 TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}

@@ -198,11 +198,11 @@ def test_offsets_past_int32(device):
 
 def test_dropout_fraction_and_determinism(device):
     p = 0.25
-    mask = flash_attention_dropout_mask(2, 4, 61, 67, p, _seed(2**33 + 7, device))
+    mask = flash_attention_dropout_mask(2, 4, 61, 67, p, _seed(2**31 + 7, device))
     kept = mask.float().mean().item()
     # 32,776 Bernoulli draws: the standard deviation of the kept fraction is 0.0024.
     assert abs(kept - (1 - p)) < 0.012, kept
-    other = flash_attention_dropout_mask(2, 4, 61, 67, p, _seed(2**33 + 8, device))
+    other = flash_attention_dropout_mask(2, 4, 61, 67, p, _seed(2**31 + 8, device))
     assert (mask != other).float().mean() > 0.2  # another seed, another mask
 
     q, k, v = _inputs(2, 2, 23, 31, 16, torch.float32, device)

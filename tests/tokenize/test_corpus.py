@@ -218,7 +218,7 @@ def test_rerun_replaces_earlier_output_and_a_failed_run_keeps_it(tmp_path, bpe, 
     def stop(path, text):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus_module, "_atomic_write", stop)
+    monkeypatch.setattr(corpus_module, "write_text", stop)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(tmp_path / "a.txt", minilm, out, show_progress=False)
     assert not (out / "train.json").exists() and not list(out.glob("*.tmp"))
